@@ -1,0 +1,156 @@
+"""Attention over a mixed batch, and the recompute of K/V from the hidden cache.
+
+KV requests attend over K/V read from their own blocks. Hidden requests attend over K/V recomputed
+from their stored `x`, chunk by chunk through the fixed workspace, merged with an online softmax, so
+no request ever reads K/V that was not produced from its own history in this step.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from hybrid_cache.metadata import AttentionMetadata
+from hybrid_cache.tensors import LayerCache, RecomputeWorkspace
+
+
+class ProjectKV(Protocol):
+    """A layer's K/V projection: write `[k | v]` for rows `x` (rotary applied at `positions`) into `out`."""
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> None: ...
+
+
+def store(layer: LayerCache, meta: AttentionMetadata, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
+    """Write this step's K/V (KV requests) and x (hidden requests) into their cache slots."""
+    if meta.kv_write_tokens.numel():
+        layer.kv[meta.kv_write_slots, 0] = k[meta.kv_write_tokens]
+        layer.kv[meta.kv_write_slots, 1] = v[meta.kv_write_tokens]
+    if meta.hidden_write_tokens.numel():
+        assert layer.hidden is not None, "hidden rows planned for a model without a hidden cache"
+        layer.hidden[meta.hidden_write_rows] = x[meta.hidden_write_tokens]
+
+
+def attend_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of q `[nq, nh, d]` over k/v `[nk, nkv, d]` in float32, with its log-sum-exp.
+
+    Returns `(out [nq, nh, d], lse [nh, nq])`. With `causal`, query i sees keys `0..i + nk - nq`.
+    """
+    group = q.shape[1] // k.shape[1]
+    qh = q.transpose(0, 1).float()
+    kh = k.transpose(0, 1).float().repeat_interleave(group, 0)
+    vh = v.transpose(0, 1).float().repeat_interleave(group, 0)
+    scores = torch.matmul(qh, kh.transpose(1, 2)) * scale
+    if causal:
+        nq, nk = q.shape[0], k.shape[0]
+        hidden = torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu(nk - nq + 1)
+        scores.masked_fill_(hidden, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), vh)
+    return out.transpose(0, 1), lse
+
+
+def merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two attention results over disjoint key sets into the result over their union."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - lse).transpose(0, 1).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - lse).transpose(0, 1).unsqueeze(-1)
+    return out_a * weight_a + out_b * weight_b, lse
+
+
+def _recompute(
+    layer: LayerCache, workspace: RecomputeWorkspace, rows: torch.Tensor, positions: torch.Tensor, project_kv: ProjectKV
+) -> torch.Tensor:
+    """K/V `[n, 2, nkv, d]` of hidden rows, computed into the workspace (valid until the next call)."""
+    assert layer.hidden is not None
+    n = rows.numel()
+    x = workspace.x[:n]
+    torch.index_select(layer.hidden, 0, rows, out=x)
+    kv = workspace.kv[:n]
+    project_kv(x, positions, kv)
+    return kv.view(n, 2, -1, layer.kv.shape[-1])
+
+
+def convert_to_kv(layer: LayerCache, workspace: RecomputeWorkspace, meta: AttentionMetadata, project_kv: ProjectKV) -> None:
+    """Hidden→KV in place for this layer: project K/V from stored x into the new KV blocks."""
+    for chunk in meta.conversions:
+        layer.kv[chunk.slots] = _recompute(layer, workspace, chunk.rows, chunk.positions, project_kv)
+
+
+def hybrid_attention(
+    layer: LayerCache,
+    workspace: RecomputeWorkspace,
+    meta: AttentionMetadata,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    project_kv: ProjectKV,
+    scale: float,
+) -> torch.Tensor:
+    """Attention output `[T, nh, d]` for every token of the step; call after `store`."""
+    out = torch.empty_like(q)
+
+    group = meta.kv_decode
+    if group is not None:
+        context = layer.kv[group.slots]  # [B, L, 2, nkv, d]
+        keys = context[:, :, 0].transpose(1, 2)
+        values = context[:, :, 1].transpose(1, 2)
+        queries = q[group.token_index].unsqueeze(2)
+        result = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=True
+        )
+        out[group.token_index] = result.squeeze(2)
+
+    for span in meta.kv_spans:
+        queries = q[span.begin : span.end].transpose(0, 1)
+        if span.context_slots is None:
+            keys, values = k[span.begin : span.end], v[span.begin : span.end]
+            mask, causal = None, True
+        else:
+            context = layer.kv[span.context_slots]
+            keys, values = context[:, 0], context[:, 1]
+            nq, nk = span.end - span.begin, keys.shape[0]
+            mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+            causal = False
+        result = F.scaled_dot_product_attention(
+            queries, keys.transpose(0, 1), values.transpose(0, 1),
+            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
+        )
+        out[span.begin : span.end] = result.transpose(0, 1)
+
+    if meta.hidden_spans:
+        _hidden_attention(layer, workspace, meta, q, k, v, project_kv, scale, out)
+    return out
+
+
+def _hidden_attention(
+    layer: LayerCache,
+    workspace: RecomputeWorkspace,
+    meta: AttentionMetadata,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    project_kv: ProjectKV,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    # Each hidden request: attention over its new tokens (K/V fresh from this step), merged with
+    # attention over its history, recomputed chunk by chunk from x.
+    partial: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for span in meta.hidden_spans:
+        s = slice(span.begin, span.end)
+        partial.append(attend_with_lse(q[s], k[s], v[s], scale, causal=True))
+    for chunk in meta.hidden_history:
+        kv = _recompute(layer, workspace, chunk.rows, chunk.positions, project_kv)
+        for span_index, begin, end in chunk.pieces:
+            span = meta.hidden_spans[span_index]
+            # History positions all precede the span's queries, so no mask is needed.
+            piece = attend_with_lse(q[span.begin : span.end], kv[begin:end, 0], kv[begin:end, 1], scale, causal=False)
+            partial[span_index] = merge(*partial[span_index], *piece)
+    for span, (result, _) in zip(meta.hidden_spans, partial):
+        out[span.begin : span.end] = result.to(out.dtype)

@@ -1,0 +1,188 @@
+"""Index tensors for one step, built once from the batch plan and shared by every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hybrid_cache.layout import CacheLayout
+from hybrid_cache.plan import BatchPlan, CacheType
+
+
+def slots_for(block_table: list[int], start: int, end: int, tokens_per_block: int) -> torch.Tensor:
+    """Flat slot (or hidden row) indices of positions `start..end-1` in a block table."""
+    positions = torch.arange(start, end)
+    blocks = torch.tensor(block_table, dtype=torch.long)
+    return blocks[positions // tokens_per_block] * tokens_per_block + positions % tokens_per_block
+
+
+@dataclass
+class KVDecodeGroup:
+    """KV requests with one new token each, attended in one padded call."""
+
+    token_index: torch.Tensor  # [B] rows of the step's token batch
+    slots: torch.Tensor  # [B, L] context slots, padded with slot 0
+    mask: torch.Tensor  # [B, 1, 1, L] True where the slot is real context
+
+
+@dataclass
+class Span:
+    """A request handled on its own: tokens `begin..end` of the step, first at position `start_pos`."""
+
+    begin: int
+    end: int
+    start_pos: int
+    context_slots: torch.Tensor | None = None  # KV requests with history: slots of positions 0..ctx-1
+
+
+@dataclass
+class HistoryChunk:
+    """At most `chunk_tokens` rows of hidden history, recomputed together.
+
+    `pieces` maps row ranges of the chunk to the hidden span (index into `hidden_spans`) they belong to.
+    """
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    pieces: list[tuple[int, int, int]]
+
+
+@dataclass
+class ConversionChunk:
+    """Rows of a hidden→KV conversion: read x from `rows`, write K/V to `slots`."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    positions: torch.Tensor
+    kv_write_tokens: torch.Tensor
+    kv_write_slots: torch.Tensor
+    hidden_write_tokens: torch.Tensor
+    hidden_write_rows: torch.Tensor
+    logits_index: torch.Tensor  # last token of each request, in plan order
+    kv_decode: KVDecodeGroup | None = None
+    kv_spans: list[Span] = field(default_factory=list)
+    hidden_spans: list[Span] = field(default_factory=list)
+    hidden_history: list[HistoryChunk] = field(default_factory=list)
+    conversions: list[ConversionChunk] = field(default_factory=list)
+
+    def to(self, device: torch.device) -> AttentionMetadata:
+        """Move every index tensor to `device` (a no-op on CPU)."""
+        if device.type == "cpu":
+            return self
+
+        def move(value: object) -> object:
+            if isinstance(value, torch.Tensor):
+                return value.to(device, non_blocking=True)
+            if isinstance(value, list):
+                return [move(v) for v in value]
+            if hasattr(value, "__dataclass_fields__"):
+                return type(value)(**{k: move(getattr(value, k)) for k in value.__dataclass_fields__})
+            return value
+
+        return move(self)  # type: ignore[return-value]
+
+
+def _chunked(rows: list[torch.Tensor], chunk_tokens: int) -> list[tuple[int, int, int, int]]:
+    """Split consecutive row groups into chunks: (group, group_begin, group_end, chunk_number)."""
+    out = []
+    chunk, used = 0, 0
+    for g, group in enumerate(rows):
+        begin = 0
+        while begin < len(group):
+            take = min(len(group) - begin, chunk_tokens - used)
+            out.append((g, begin, begin + take, chunk))
+            begin += take
+            used += take
+            if used == chunk_tokens:
+                chunk, used = chunk + 1, 0
+    return out
+
+
+def build_metadata(plan: BatchPlan, layout: CacheLayout, chunk_tokens: int) -> AttentionMetadata:
+    """Turn a batch plan into the index tensors the attention and recompute ops use (on CPU)."""
+    kv_tpb = layout.block_size
+    hidden_tpb = layout.tokens_per_block(CacheType.HIDDEN) if layout.hidden_allowed else 0
+    positions, kv_tok, kv_slots, hid_tok, hid_rows, last = [], [], [], [], [], []
+    decode_tokens, decode_slots = [], []
+    kv_spans: list[Span] = []
+    hidden_spans: list[Span] = []
+    history_rows: list[torch.Tensor] = []
+    history_pos: list[torch.Tensor] = []
+    conversions: list[ConversionChunk] = []
+
+    offset = 0
+    for seq in plan.seqs:
+        begin, end = offset, offset + seq.num_new
+        offset = end
+        positions.append(torch.arange(seq.start_pos, seq.context_len))
+        last.append(end - 1)
+        token_index = torch.arange(begin, end)
+        if seq.conversion is not None:
+            conv = seq.conversion
+            for start in range(0, conv.num_tokens, chunk_tokens):
+                stop = min(conv.num_tokens, start + chunk_tokens)
+                conversions.append(
+                    ConversionChunk(
+                        rows=slots_for(conv.hidden_blocks, start, stop, hidden_tpb),
+                        slots=slots_for(conv.kv_blocks, start, stop, kv_tpb),
+                        positions=torch.arange(start, stop),
+                    )
+                )
+        if seq.cache_type is CacheType.KV:
+            kv_tok.append(token_index)
+            kv_slots.append(slots_for(seq.block_table, seq.start_pos, seq.context_len, kv_tpb))
+            if seq.num_new == 1:
+                decode_tokens.append(begin)
+                decode_slots.append(slots_for(seq.block_table, 0, seq.context_len, kv_tpb))
+            else:
+                context = slots_for(seq.block_table, 0, seq.context_len, kv_tpb) if seq.start_pos else None
+                kv_spans.append(Span(begin, end, seq.start_pos, context))
+        else:
+            hid_tok.append(token_index)
+            hid_rows.append(slots_for(seq.block_table, seq.start_pos, seq.context_len, hidden_tpb))
+            hidden_spans.append(Span(begin, end, seq.start_pos))
+            history_rows.append(slots_for(seq.block_table, 0, seq.start_pos, hidden_tpb))
+            history_pos.append(torch.arange(seq.start_pos))
+
+    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+    meta = AttentionMetadata(
+        positions=cat(positions),
+        kv_write_tokens=cat(kv_tok),
+        kv_write_slots=cat(kv_slots),
+        hidden_write_tokens=cat(hid_tok),
+        hidden_write_rows=cat(hid_rows),
+        logits_index=torch.tensor(last, dtype=torch.long),
+        kv_spans=kv_spans,
+        hidden_spans=hidden_spans,
+        conversions=conversions,
+    )
+    if decode_tokens:
+        width = max(len(s) for s in decode_slots)
+        slots = torch.zeros(len(decode_slots), width, dtype=torch.long)
+        mask = torch.zeros(len(decode_slots), width, dtype=torch.bool)
+        for i, s in enumerate(decode_slots):
+            slots[i, : len(s)] = s
+            mask[i, : len(s)] = True
+        meta.kv_decode = KVDecodeGroup(torch.tensor(decode_tokens), slots, mask[:, None, None, :])
+
+    chunks: dict[int, HistoryChunk] = {}
+    piece_starts: dict[int, int] = {}
+    for span_index, begin, end, number in _chunked(history_rows, chunk_tokens):
+        chunk = chunks.setdefault(number, HistoryChunk([], [], []))  # type: ignore[arg-type]
+        used = piece_starts.get(number, 0)
+        chunk.rows.append(history_rows[span_index][begin:end])  # type: ignore[attr-defined]
+        chunk.positions.append(history_pos[span_index][begin:end])  # type: ignore[attr-defined]
+        chunk.pieces.append((span_index, used, used + end - begin))
+        piece_starts[number] = used + end - begin
+    for number in sorted(chunks):
+        chunk = chunks[number]
+        meta.hidden_history.append(HistoryChunk(cat(chunk.rows), cat(chunk.positions), chunk.pieces))  # type: ignore[arg-type]
+    return meta

@@ -1,0 +1,71 @@
+"""The cache tensors of one rank: one buffer per layer, viewed as K/V slots or hidden (x) rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hybrid_cache.layout import CacheLayout
+from hybrid_cache.plan import CacheType
+
+
+@dataclass
+class LayerCache:
+    """One layer's buffer `[num_blocks, block_elems]` and two flat views of it.
+
+    `kv[slot]` is `[2, num_kv_heads, head_dim]` (slot = block * block_size + offset);
+    `hidden[row]` is `[hidden_size]` (row = block * hidden_tokens_per_block + offset).
+    """
+
+    buffer: torch.Tensor
+    kv: torch.Tensor
+    hidden: torch.Tensor | None
+
+
+class RecomputeWorkspace:
+    """Fixed scratch for K/V recompute: `x` rows and their projected K/V for at most `chunk_tokens` tokens.
+
+    Shared by all layers (recompute goes one layer at a time) and counted inside the memory budget.
+    """
+
+    def __init__(self, layout: CacheLayout, chunk_tokens: int, dtype: torch.dtype, device: torch.device) -> None:
+        if chunk_tokens <= 0:
+            raise ValueError(f"recompute_chunk_tokens must be positive, got {chunk_tokens}")
+        self.chunk_tokens = chunk_tokens
+        self.x = torch.empty(chunk_tokens, layout.hidden_size, dtype=dtype, device=device)
+        self.kv = torch.empty(chunk_tokens, layout.kv_width, dtype=dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.numel() * self.x.element_size() + self.kv.numel() * self.kv.element_size()
+
+
+class CacheTensors:
+    """All layers' cache buffers plus the recompute workspace."""
+
+    def __init__(
+        self,
+        layout: CacheLayout,
+        num_blocks: int,
+        recompute_chunk_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self.layers: list[LayerCache] = []
+        for _ in range(layout.num_layers):
+            buffer = torch.zeros(num_blocks, layout.block_elems, dtype=dtype, device=device)
+            kv = buffer.view(num_blocks * layout.block_size, 2, layout.num_kv_heads, layout.head_dim)
+            hidden = None
+            if layout.hidden_allowed:
+                rows = layout.tokens_per_block(CacheType.HIDDEN)
+                hidden = buffer.view(num_blocks * rows, layout.hidden_size)
+            self.layers.append(LayerCache(buffer, kv, hidden))
+        self.workspace = RecomputeWorkspace(layout, recompute_chunk_tokens, dtype, device)
+
+    @property
+    def nbytes(self) -> int:
+        blocks = sum(layer.buffer.numel() * layer.buffer.element_size() for layer in self.layers)
+        return blocks + self.workspace.nbytes

@@ -1,0 +1,1 @@
+"""Model execution on one tensor-parallel rank: models, checkpoint loading, sampling."""

@@ -1,0 +1,17 @@
+"""Typed settings of model execution (a section of the YAML config)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelConfig(BaseModel):
+    """Which checkpoint to run, in which dtype, on which device."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field("data/models/SmolLM2-135M-Instruct", description="local Hugging Face model directory")
+    dtype: str = Field("auto", description="auto (the checkpoint's), float32, bfloat16 or float16")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    seed: int = Field(0, description="seed of the shared sampling generator")
+    num_threads: int | None = Field(None, gt=0, description="torch compute threads; None keeps torch's default")

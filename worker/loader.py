@@ -1,0 +1,58 @@
+"""Load Hugging Face checkpoints (safetensors or PyTorch `.bin`) from a local directory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from worker.model_spec import ModelSpec, load_model_spec
+from worker.models import CausalLM, build_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, spec: ModelSpec) -> torch.dtype:
+    """`auto` means the checkpoint's dtype (float32 when it names none)."""
+    if name == "auto":
+        name = spec.torch_dtype or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported (choose from auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The weight files to read: safetensors if present, else PyTorch `.bin` files."""
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"model directory {model_dir} has no *.safetensors or *.bin weight files")
+    return files
+
+
+def iter_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) pairs one file at a time; a damaged file raises naming the file."""
+    for path in checkpoint_files(model_dir):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as handle:
+                    for name in handle.keys():
+                        yield name, handle.get_tensor(name)
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                yield from state.items()
+        except Exception as err:  # any failure to read a weight file means the file is damaged
+            raise ValueError(f"corrupt checkpoint file {path}: {err}") from err
+
+def load_model(model_dir: str | Path, dtype: str, device: torch.device) -> CausalLM:
+    """Build the model for `model_dir` on `device` and fill it from the checkpoint."""
+    path = Path(model_dir)
+    spec = load_model_spec(path)
+    torch_dtype = resolve_dtype(dtype, spec)
+    with torch.device("meta"):
+        model = build_model(spec)
+    model = model.to(dtype=torch_dtype).to_empty(device=device)
+    model.load_weights(iter_weights(path))
+    model.eval().requires_grad_(False)
+    return model

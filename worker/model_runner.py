@@ -1,0 +1,79 @@
+"""Executes one batch plan on one rank: conversions, the forward pass, sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hybrid_cache.config import CacheConfig
+from hybrid_cache.info import WorkerInfo
+from hybrid_cache.layout import CacheLayout
+from hybrid_cache.metadata import build_metadata
+from hybrid_cache.plan import BatchPlan
+from hybrid_cache.tensors import CacheTensors
+from worker.config import ModelConfig
+from worker.loader import load_model
+from worker.models import ForwardContext
+from worker.sampler import Sampler
+
+
+@dataclass
+class StepResult:
+    """Sampled tokens in plan order; the last-position logits when asked for (tests, teacher forcing)."""
+
+    token_ids: list[int]
+    logits: torch.Tensor | None = None
+
+
+class ModelRunner:
+    """Owns the model, the cache tensors and the sampler of one rank."""
+
+    def __init__(self, model: ModelConfig, cache: CacheConfig) -> None:
+        if model.num_threads:
+            torch.set_num_threads(model.num_threads)
+        self.device = torch.device(model.device)
+        self.model = load_model(model.path, model.dtype, self.device)
+        spec = self.model.spec
+        self.dtype = next(self.model.parameters()).dtype
+        self.layout = CacheLayout(
+            num_layers=spec.num_layers,
+            hidden_size=spec.hidden_size,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            block_size=cache.block_size,
+            dtype_bytes=torch.empty((), dtype=self.dtype).element_size(),
+        )
+        self.chunk_tokens = cache.recompute_chunk_tokens
+        num_blocks = cache.num_blocks or self.layout.num_blocks_for_budget(cache.memory_bytes or 0, self.chunk_tokens)
+        self.cache = CacheTensors(self.layout, num_blocks, self.chunk_tokens, self.dtype, self.device)
+        self.sampler = Sampler(self.device, model.seed)
+
+    def info(self) -> WorkerInfo:
+        spec = self.model.spec
+        return WorkerInfo(
+            vocab_size=spec.vocab_size,
+            max_model_len=spec.max_position_embeddings,
+            eos_token_ids=spec.eos_token_ids,
+            layout=self.layout,
+            num_blocks=self.cache.num_blocks,
+            cache_bytes=self.cache.nbytes,
+        )
+
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    @torch.inference_mode()
+    def execute(self, plan: BatchPlan, return_logits: bool = False) -> StepResult:
+        self.sampler.forget(plan.finished_seq_ids)
+        if not plan.seqs:
+            return StepResult([])
+        meta = build_metadata(plan, self.layout, self.chunk_tokens).to(self.device)
+        ctx = ForwardContext(meta, self.cache)
+        self.model.convert_to_kv(ctx)
+        input_ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, ctx)
+        logits = self.model.compute_logits(hidden[meta.logits_index])
+        tokens = self.sampler.sample(logits, [s.seq_id for s in plan.seqs], [s.sampling for s in plan.seqs])
+        return StepResult(tokens, logits.float() if return_logits else None)

@@ -1,0 +1,14 @@
+"""Decoder-only models whose attention reads and writes the hybrid cache."""
+
+from worker.models.base import CausalLM, ForwardContext
+from worker.models.llama import LlamaForCausalLM
+from worker.models.opt import OPTForCausalLM
+from worker.model_spec import ModelSpec
+
+
+def build_model(spec: ModelSpec) -> CausalLM:
+    """The model class for `spec.arch`, with uninitialised weights."""
+    return {"opt": OPTForCausalLM, "llama": LlamaForCausalLM}[spec.arch](spec)
+
+
+__all__ = ["CausalLM", "ForwardContext", "LlamaForCausalLM", "OPTForCausalLM", "build_model"]

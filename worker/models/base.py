@@ -1,0 +1,154 @@
+"""Pieces shared by the models: the forward context, rotary embedding, RMSNorm, cached attention."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hybrid_cache.attention import convert_to_kv, hybrid_attention, store
+from hybrid_cache.metadata import AttentionMetadata
+from hybrid_cache.tensors import CacheTensors
+from worker.model_spec import ModelSpec
+
+
+@dataclass
+class ForwardContext:
+    """What every layer needs besides its input: the step's indices and the cache."""
+
+    meta: AttentionMetadata
+    cache: CacheTensors
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (half-rotation layout, as in Hugging Face Llama)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        # Plain tensors on the CPU, not buffers: models are built on the meta device and the tables
+        # must hold real values; they follow the input to its device on first use.
+        steps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
+        inv_freq = 1.0 / (theta ** (steps / head_dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device="cpu"), inv_freq)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = angles.cos(), angles.sin()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate `x` `[n, heads, head_dim]` by the angles of `positions` `[n]`."""
+        if self.cos.device != x.device:
+            self.cos, self.sin = self.cos.to(x.device), self.sin.to(x.device)
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale in the input dtype, the order Hugging Face uses.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class CachedAttention(nn.Module):
+    """Self-attention with a fused QKV projection whose history lives in the hybrid cache.
+
+    The layer's normalised input `x` is what a hidden request stores; `project_kv` recomputes K/V
+    from it with the same weights (and the rotary embedding, if any).
+    """
+
+    def __init__(
+        self, layer_index: int, spec: ModelSpec, rotary: RotaryEmbedding | None, out_bias: bool
+    ) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_size = spec.num_heads * spec.head_dim
+        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.scale = spec.head_dim**-0.5
+        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=out_bias)
+        self.rotary = rotary
+
+    def project_kv(self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> None:
+        weight = self.qkv_proj.weight[self.q_size :]
+        if self.qkv_proj.bias is not None:
+            torch.addmm(self.qkv_proj.bias[self.q_size :], x, weight.t(), out=out)
+        else:
+            torch.mm(x, weight.t(), out=out)
+        if self.rotary is not None:
+            k = out[:, : self.kv_size].view(-1, self.num_kv_heads, self.head_dim)
+            k.copy_(self.rotary(k, positions))
+
+    def convert(self, ctx: ForwardContext) -> None:
+        layer = ctx.cache.layers[self.layer_index]
+        convert_to_kv(layer, ctx.cache.workspace, ctx.meta, self.project_kv)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.rotary is not None:
+            q, k = self.rotary(q, ctx.meta.positions), self.rotary(k, ctx.meta.positions)
+        layer = ctx.cache.layers[self.layer_index]
+        store(layer, ctx.meta, k, v, x)
+        out = hybrid_attention(layer, ctx.cache.workspace, ctx.meta, q, k, v, self.project_kv, self.scale)
+        return self.o_proj(out.reshape(n, self.q_size))
+
+
+class CausalLM(nn.Module):
+    """Interface of our models: forward over a flat token batch, then logits for chosen rows."""
+
+    spec: ModelSpec
+    attention_layers: list[CachedAttention]
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [T, H]
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, vocab]
+        raise NotImplementedError
+
+    def weight_targets(self, name: str) -> tuple[str, int] | None:
+        """Map a Hugging Face tensor name to (our parameter, row offset) or None to ignore it."""
+        raise NotImplementedError
+
+    def convert_to_kv(self, ctx: ForwardContext) -> None:
+        """Run the planned hidden→KV conversions, layer by layer."""
+        if ctx.meta.conversions:
+            for attention in self.attention_layers:
+                attention.convert(ctx)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors into parameters; raise naming any missing or mis-shaped tensor."""
+        params = dict(self.named_parameters())
+        filled: dict[str, int] = {name: 0 for name in params}
+        for hf_name, tensor in weights:
+            target = self.weight_targets(hf_name)
+            if target is None:
+                continue
+            name, row = target
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {hf_name} maps to unknown parameter {name}")
+            param = params[name]
+            rows = tensor.shape[0]
+            dest = param.data[row : row + rows] if row or rows != param.shape[0] else param.data
+            if dest.shape != tensor.shape:
+                raise ValueError(
+                    f"checkpoint tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+            filled[name] += tensor.numel()
+        missing = [name for name, count in filled.items() if count != params[name].numel()]
+        if missing:
+            raise ValueError(f"checkpoint is missing tensors for: {', '.join(sorted(missing)[:8])}")

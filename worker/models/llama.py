@@ -1,0 +1,69 @@
+"""Llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.model_spec import ModelSpec
+from worker.models.base import CachedAttention, CausalLM, ForwardContext, RMSNorm, RotaryEmbedding
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, index: int, spec: ModelSpec, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
+        self.self_attn = CachedAttention(index, spec, rotary=rotary, out_bias=spec.attention_bias)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
+        self.intermediate_size = spec.intermediate_size
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), ctx)
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(h)).split(self.intermediate_size, dim=-1)
+        return h + self.down_proj(F.silu(gate) * up)
+
+
+class LlamaForCausalLM(CausalLM):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(i, spec, self.rotary) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.norm_eps)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.attention_layers = [layer.self_attn for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, ctx)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(hidden), weight)
+
+    def weight_targets(self, name: str) -> tuple[str, int] | None:
+        name = name.removeprefix("model.")
+        if name == "lm_head.weight":
+            return None if self.lm_head is None else ("lm_head.weight", 0)
+        if "rotary_emb" in name:
+            return None
+        match = re.fullmatch(r"layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)", name)
+        if match:
+            layer, which, kind = match.groups()
+            q, kv = self.attention_layers[0].q_size, self.attention_layers[0].kv_size
+            return f"layers.{layer}.self_attn.qkv_proj.{kind}", {"q": 0, "k": q, "v": q + kv}[which]
+        match = re.fullmatch(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", name)
+        if match:
+            layer, which, kind = match.groups()
+            if which == "down":
+                return f"layers.{layer}.down_proj.{kind}", 0
+            return f"layers.{layer}.gate_up_proj.{kind}", 0 if which == "gate" else self.spec.intermediate_size
+        return name, 0

@@ -1,0 +1,63 @@
+"""OPT (pre-LayerNorm): learned positions offset by 2, ReLU MLP, biases everywhere."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.model_spec import ModelSpec
+from worker.models.base import CachedAttention, CausalLM, ForwardContext
+
+# OPT's learned position table starts two rows in (a quirk of its fairseq origin).
+POSITION_OFFSET = 2
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, index: int, spec: ModelSpec) -> None:
+        super().__init__()
+        self.self_attn_layer_norm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
+        self.self_attn = CachedAttention(index, spec, rotary=None, out_bias=spec.attention_bias)
+        self.final_layer_norm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
+        self.fc1 = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.fc2 = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = h + self.self_attn(self.self_attn_layer_norm(h), ctx)
+        return h + self.fc2(F.relu(self.fc1(self.final_layer_norm(h))))
+
+
+class OPTForCausalLM(CausalLM):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed_positions = nn.Embedding(spec.max_position_embeddings + POSITION_OFFSET, spec.hidden_size)
+        self.layers = nn.ModuleList(OPTDecoderLayer(i, spec) for i in range(spec.num_layers))
+        self.final_layer_norm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.attention_layers = [layer.self_attn for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = self.embed_tokens(input_ids) + self.embed_positions(ctx.meta.positions + POSITION_OFFSET)
+        for layer in self.layers:
+            h = layer(h, ctx)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.final_layer_norm(hidden), weight)
+
+    def weight_targets(self, name: str) -> tuple[str, int] | None:
+        name = name.removeprefix("model.").removeprefix("decoder.")
+        if name == "lm_head.weight":
+            return None if self.lm_head is None else ("lm_head.weight", 0)
+        match = re.fullmatch(r"layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)", name)
+        if match:
+            layer, which, kind = match.groups()
+            q, kv = self.attention_layers[0].q_size, self.attention_layers[0].kv_size
+            offset = {"q": 0, "k": q, "v": q + kv}[which]
+            return f"layers.{layer}.self_attn.qkv_proj.{kind}", offset
+        return name.replace("self_attn.out_proj", "self_attn.o_proj"), 0

@@ -1,0 +1,46 @@
+"""The one typed configuration: YAML from `configs/`, overridden by `section.key=value` pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from hybrid_cache.config import CacheConfig
+from scheduler_service.config import SchedulerConfig
+from worker.config import ModelConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class AptServeConfig(BaseModel):
+    """Model, cache and scheduler settings of one engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AptServeConfig:
+    """Read a YAML config (the default one when `path` is None) and apply dotted overrides.
+
+    Override values given as strings are parsed as YAML scalars, so `cache.num_blocks=64` is an int.
+    """
+    source = Path(path) if path is not None else DEFAULT_CONFIG
+    if not source.is_file():
+        raise FileNotFoundError(f"config file {source} does not exist")
+    tree = yaml.safe_load(source.read_text()) or {}
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, yaml.safe_load(value) if isinstance(value, str) else value)
+    return AptServeConfig.model_validate(tree)

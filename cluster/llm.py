@@ -1,0 +1,123 @@
+"""The public offline API: `LLM(model=...).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Union
+
+from tqdm import tqdm
+
+from cluster.config import AptServeConfig, load_config
+from cluster.executor_local import LocalExecutor
+from cluster.tokenizer import Tokenizer
+from hybrid_cache.plan import SamplingParams
+from scheduler_service.engine import Engine, EngineStats
+from scheduler_service.request import RequestOutput
+
+# A prompt is text, token ids, or a dict {"prompt": str} / {"prompt_token_ids": [...]} that may add
+# "cache_type": "kv" | "hidden" to override the cache mode for that request.
+Prompt = Union[str, Sequence[int], dict[str, Any]]
+
+
+class LLM:
+    """An engine in this process. Keyword arguments override the default config (`configs/default.yaml`)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str | None = None,
+        block_size: int | None = None,
+        num_blocks: int | None = None,
+        memory_bytes: int | None = None,
+        cache_mode: str | None = None,
+        policy: str | None = None,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        recompute_chunk_tokens: int | None = None,
+        device: str | None = None,
+        seed: int | None = None,
+        num_threads: int | None = None,
+        config: AptServeConfig | None = None,
+    ) -> None:
+        overrides = {
+            "model.path": model,
+            "model.dtype": dtype,
+            "model.device": device,
+            "model.seed": seed,
+            "model.num_threads": num_threads,
+            "cache.block_size": block_size,
+            "cache.memory_bytes": memory_bytes,
+            "cache.recompute_chunk_tokens": recompute_chunk_tokens,
+            "scheduler.cache_mode": cache_mode,
+            "scheduler.policy": policy,
+            "scheduler.max_num_seqs": max_num_seqs,
+            "scheduler.max_num_batched_tokens": max_num_batched_tokens,
+        }
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if num_blocks is not None:
+            overrides["cache.num_blocks"] = num_blocks
+        if config is not None:
+            tree = config.model_dump()
+            for dotted, value in overrides.items():
+                section, key = dotted.split(".")
+                tree[section][key] = value
+            self.config = AptServeConfig.model_validate(tree)
+        else:
+            self.config = load_config(overrides=overrides)
+        self.tokenizer = Tokenizer(self.config.model.path) if Tokenizer.available(self.config.model.path) else None
+        self.executor = LocalExecutor(self.config.model, self.config.cache)
+        self.engine = Engine(self.config.scheduler, self.executor, detokenizer=self.tokenizer)
+
+    def _token_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer: pass prompts as token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def _split(self, prompt: Prompt) -> tuple[list[int], str | None]:
+        if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "cache_type"}
+            if unknown or ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+                raise ValueError("a prompt dict needs exactly one of 'prompt' / 'prompt_token_ids' (and may add 'cache_type')")
+            return self._token_ids(prompt.get("prompt", prompt.get("prompt_token_ids"))), prompt.get("cache_type")
+        return self._token_ids(prompt), None
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the prompts' order.
+
+        Bad input raises ValueError before anything runs; the engine stays usable.
+        """
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompt_list = list(prompts)  # type: ignore[arg-type]
+        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompt_list)
+        if len(params_list) != len(prompt_list):
+            raise ValueError(f"{len(prompt_list)} prompts but {len(params_list)} sampling params")
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompt_list, params_list):
+                token_ids, cache_type = self._split(prompt)
+                ids.append(self.engine.add_request(token_ids, p, cache_type=cache_type))
+        except Exception:
+            for request_id in ids:
+                self.engine.abort(request_id)
+            self.engine.step()  # deliver the aborts so nothing stays queued
+            raise
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), disable=not use_tqdm, desc="generate") as bar:
+            while len(finished) < len(ids):
+                for output in self.engine.step():
+                    if output.finished and output.request_id in set(ids):
+                        finished[output.request_id] = output
+                        bar.update(1)
+        return [finished[i] for i in ids]
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()

@@ -1,0 +1,18 @@
+"""Requests and their lifecycle, scheduling policies, and the engine loop (no model code here)."""
+
+from scheduler_service.config import SchedulerConfig
+from scheduler_service.engine import Engine, EngineStats
+from scheduler_service.executor import Detokenizer, Executor
+from scheduler_service.request import FinishReason, Request, RequestOutput, RequestStatus
+
+__all__ = [
+    "Detokenizer",
+    "Engine",
+    "EngineStats",
+    "Executor",
+    "FinishReason",
+    "Request",
+    "RequestOutput",
+    "RequestStatus",
+    "SchedulerConfig",
+]

@@ -1,0 +1,215 @@
+"""The engine loop: accept requests, schedule a step, execute it, apply tokens, report outputs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from hybrid_cache.layout import HiddenCacheUnavailable
+from hybrid_cache.manager import CacheManager, CacheUsage
+from hybrid_cache.plan import CacheType, SamplingParams
+from scheduler_service.config import SchedulerConfig
+from scheduler_service.executor import Detokenizer, Executor
+from scheduler_service.output import append_token
+from scheduler_service.policies import allowed_cache_types, make_policy
+from scheduler_service.request import FinishReason, Request, RequestOutput, RequestStatus
+from scheduler_service.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's state and what it knows about its cache."""
+
+    policy: str
+    cache_mode: str  # the mode in effect (hybrid runs as kv when the hidden cache cannot help)
+    num_running: int
+    num_waiting: int
+    cache: CacheUsage
+    num_steps: int
+    num_preemptions: int
+    num_conversions: int
+    block_size: int
+    hidden_tokens_per_block: int | None
+    ratio: float  # r: hidden bytes per token over KV bytes per token
+    kv_bytes_per_token_per_layer: int
+    hidden_bytes_per_token_per_layer: int
+    cache_bytes: int
+
+
+class Engine:
+    """Runs requests to completion through an `Executor`. Not thread-safe: one caller drives `step()`.
+
+    Every request ends finished (stop or length), aborted, or is rejected by `add_request` with a
+    ValueError that names the problem; a rejected request changes nothing.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        executor: Executor,
+        detokenizer: Detokenizer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.executor = executor
+        self.detokenizer = detokenizer
+        self.clock = clock
+        info = executor.info()
+        self.info = info
+        layout = info.layout
+        if config.cache_mode == "hidden" and not layout.hidden_allowed:
+            raise HiddenCacheUnavailable(f"cache_mode 'hidden' refused: {layout.hidden_unavailable_reason}")
+        if config.cache_mode == "hybrid" and not layout.hidden_allowed:
+            log.warning("cache_mode 'hybrid' runs as 'kv': %s", layout.hidden_unavailable_reason)
+        max_batched = config.max_num_batched_tokens or info.max_model_len
+        if max_batched < info.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_batched}) must be at least the context length "
+                f"({info.max_model_len}): prompts are prefilled in one step"
+            )
+        self.config = config
+        self.cache = CacheManager(layout, info.num_blocks)
+        self.scheduler = Scheduler(config, self.cache, make_policy(config.policy), max_batched)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._aborted: list[Request] = []
+        self.num_steps = self.num_preemptions = self.num_conversions = 0
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        cache_type: CacheType | str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises ValueError (nothing queued) on bad input."""
+        params = params or SamplingParams()
+        seq_id = next(self._seq_ids)
+        request_id = request_id if request_id is not None else f"req-{seq_id}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt = self._check_prompt(prompt_token_ids)
+        override = CacheType(cache_type) if cache_type is not None else None
+        layout = self.cache.layout
+        if override is CacheType.HIDDEN and not layout.hidden_allowed:
+            raise HiddenCacheUnavailable(f"cache_type 'hidden' refused: {layout.hidden_unavailable_reason}")
+        request = Request(request_id, seq_id, prompt, params, self.clock(), cache_override=override)
+        self._check_fits(request)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def _check_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.info.vocab_size
+        for token in prompt:
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+                raise ValueError(f"prompt token id {token!r} is outside the vocabulary (ids 0..{vocab - 1})")
+        limit = self.info.max_model_len
+        if len(prompt) >= limit:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens but the model's context is {limit} tokens "
+                "(the prompt must leave room for at least one generated token)"
+            )
+        return prompt
+
+    def _check_fits(self, request: Request) -> None:
+        # A request that cannot fit alone at its longest would be preempted for ever: refuse it now.
+        longest = min(len(request.prompt_token_ids) + request.params.max_tokens, self.info.max_model_len)
+        allowed = allowed_cache_types(request, self.config.cache_mode, self.cache.layout)
+        need = min(self.cache.blocks_needed(longest, t) for t in allowed)
+        if need > self.cache.num_blocks:
+            raise ValueError(
+                f"the request needs {need} cache blocks at its longest ({longest} tokens) "
+                f"but the cache has {self.cache.num_blocks} blocks"
+            )
+
+    def abort(self, request_id: str) -> bool:
+        """End a request now; its final output (reason `abort`) comes with the next `step()`."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return False
+        self._finish(request, FinishReason.ABORT)
+        self._aborted.append(request)
+        return True
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        self.scheduler.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self.requests[request.request_id]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self._aborted)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return an output for every request that got a token or ended."""
+        outputs = [self._output(r, []) for r in self._aborted]
+        self._aborted = []
+        step = self.scheduler.schedule(self.clock())
+        self.num_preemptions += step.num_preempted
+        self.num_conversions += step.num_converted
+        if not step.requests:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("the scheduler admitted nothing with nothing running: a policy bug")
+            if step.plan.finished_seq_ids:
+                self.executor.execute(step.plan)  # lets workers drop per-request state
+            return outputs
+        tokens = self.executor.execute(step.plan)
+        self.scheduler.end_step(step)
+        self.num_steps += 1
+        now = self.clock()
+        for request, token in zip(step.requests, tokens):
+            if request.first_token_time is None:
+                request.first_token_time = now
+            request.last_token_time = now
+            reason = append_token(request, token, self.info.eos_token_ids, self.info.max_model_len, self.detokenizer)
+            if reason is not None:
+                self._finish(request, reason)
+            outputs.append(self._output(request, [token]))
+        return outputs
+
+    def _output(self, request: Request, new: list[int]) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=list(request.output_token_ids),
+            new_token_ids=new,
+            text=request.text,
+            finished=request.is_finished,
+            finish_reason=request.finish_reason.value if request.finish_reason else None,
+            cache_type=request.cache_type.value if request.cache_type else None,
+            num_preemptions=request.num_preemptions,
+        )
+
+    # -- reporting -----------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        layout = self.cache.layout
+        allowed = layout.hidden_allowed
+        return EngineStats(
+            policy=self.config.policy,
+            cache_mode=self.config.cache_mode if allowed else "kv",
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            cache=self.cache.usage(),
+            num_steps=self.num_steps,
+            num_preemptions=self.num_preemptions,
+            num_conversions=self.num_conversions,
+            block_size=layout.block_size,
+            hidden_tokens_per_block=layout.tokens_per_block(CacheType.HIDDEN) if allowed else None,
+            ratio=layout.ratio,
+            kv_bytes_per_token_per_layer=layout.bytes_per_token_per_layer(CacheType.KV),
+            hidden_bytes_per_token_per_layer=layout.bytes_per_token_per_layer(CacheType.HIDDEN),
+            cache_bytes=self.info.cache_bytes,
+        )
+
+
+__all__ = ["Engine", "EngineStats"]

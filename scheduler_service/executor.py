@@ -1,0 +1,22 @@
+"""How the engine reaches the model: one call per step. Implemented in-process and over Ray by `cluster`."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from hybrid_cache.info import WorkerInfo
+from hybrid_cache.plan import BatchPlan
+
+
+class Executor(Protocol):
+    def info(self) -> WorkerInfo:
+        """The model's limits and the cache the workers allocated."""
+        ...
+
+    def execute(self, plan: BatchPlan) -> list[int]:
+        """Run one step; return one sampled token per sequence, in plan order."""
+        ...
+
+
+class Detokenizer(Protocol):
+    def decode(self, token_ids: list[int]) -> str: ...

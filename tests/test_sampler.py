@@ -1,0 +1,59 @@
+"""Sampling: greedy, temperature, top-k, top-p, and per-request seeds."""
+
+from __future__ import annotations
+
+import torch
+
+from hybrid_cache.plan import SamplingParams
+from worker.sampler import Sampler, filtered_probs
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+
+
+def test_top_k_keeps_the_k_largest() -> None:
+    probs = filtered_probs(LOGITS, SamplingParams(temperature=1.0, top_k=2))
+    assert (probs[2:] == 0).all() and probs[:2].sum() == torch.tensor(1.0)
+    assert torch.allclose(probs[:2], LOGITS[:2].softmax(-1))
+
+
+def test_top_p_keeps_the_smallest_prefix_covering_p() -> None:
+    full = LOGITS.softmax(-1)
+    p = float(full[0] + full[1]) - 1e-3  # the first two tokens are needed to reach p
+    probs = filtered_probs(LOGITS, SamplingParams(temperature=1.0, top_p=p))
+    assert (probs[:2] > 0).all() and (probs[2:] == 0).all()
+    probs = filtered_probs(LOGITS, SamplingParams(temperature=1.0, top_p=float(full[0]) / 2))
+    assert probs[0] == 1.0, "the most likely token always survives"
+
+
+def test_temperature_sharpens_and_flattens() -> None:
+    cold = filtered_probs(LOGITS, SamplingParams(temperature=0.1))
+    hot = filtered_probs(LOGITS, SamplingParams(temperature=10.0))
+    assert cold[0] > 0.99 and hot.max() < 0.3
+
+
+def test_greedy_is_argmax_and_seeds_are_per_request() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    greedy = SamplingParams(temperature=0.0)
+    seeded = SamplingParams(temperature=1.0, seed=42)
+    batch = logits[[0, 1, 1]]
+    first = [sampler.sample(batch, [0, 1, 2], [greedy, seeded, seeded]) for _ in range(20)]
+    assert all(row[0] == int(logits[0].argmax()) for row in first)
+    # Requests 1 and 2 share a seed and logits: equal streams, though they share the batch.
+    assert [row[1] for row in first] == [row[2] for row in first]
+    # A new sampler, with a different shared seed and other requests around, gives the same stream.
+    other = Sampler(torch.device("cpu"), seed=99)
+    unseeded = SamplingParams(temperature=1.0)
+    again = [other.sample(logits[[0, 1]], [7, 1], [unseeded, seeded]) for _ in range(20)]
+    assert [row[1] for row in again] == [row[1] for row in first]
+    assert len({row[1] for row in first}) > 1, "sampling at temperature 1 should vary"
+
+
+def test_sampling_frequencies_follow_the_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    sampler = Sampler(torch.device("cpu"), seed=1)
+    params = SamplingParams(temperature=1.0)
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        counts[sampler.sample(logits, [0], [params])[0]] += 1
+    assert torch.allclose(counts / counts.sum(), torch.tensor([0.7, 0.2, 0.1]), atol=0.04)

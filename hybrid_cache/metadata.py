@@ -23,7 +23,7 @@ class KVDecodeGroup:
 
     token_index: torch.Tensor  # [B] rows of the step's token batch
     slots: torch.Tensor  # [B, L] context slots, padded with slot 0
-    mask: torch.Tensor  # [B, 1, 1, L] True where the slot is real context
+    mask: torch.Tensor | None  # [B, 1, 1, L] additive (0 or -inf); None when no row is padded
 
 
 @dataclass
@@ -104,7 +104,9 @@ def _chunked(rows: list[torch.Tensor], chunk_tokens: int) -> list[tuple[int, int
     return out
 
 
-def build_metadata(plan: BatchPlan, layout: CacheLayout, chunk_tokens: int) -> AttentionMetadata:
+def build_metadata(
+    plan: BatchPlan, layout: CacheLayout, chunk_tokens: int, dtype: torch.dtype = torch.float32
+) -> AttentionMetadata:
     """Turn a batch plan into the index tensors the attention and recompute ops use (on CPU)."""
     kv_tpb = layout.block_size
     hidden_tpb = layout.tokens_per_block(CacheType.HIDDEN) if layout.hidden_allowed else 0
@@ -171,7 +173,11 @@ def build_metadata(plan: BatchPlan, layout: CacheLayout, chunk_tokens: int) -> A
         for i, s in enumerate(decode_slots):
             slots[i, : len(s)] = s
             mask[i, : len(s)] = True
-        meta.kv_decode = KVDecodeGroup(torch.tensor(decode_tokens), slots, mask[:, None, None, :])
+        # An additive float mask, built once per step: a boolean one is converted again in every layer.
+        additive = None
+        if not bool(mask.all()):
+            additive = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))[:, None, None, :]
+        meta.kv_decode = KVDecodeGroup(torch.tensor(decode_tokens), slots, additive)
 
     chunks: dict[int, HistoryChunk] = {}
     piece_starts: dict[int, int] = {}

@@ -69,7 +69,7 @@ class ModelRunner:
         self.sampler.forget(plan.finished_seq_ids)
         if not plan.seqs:
             return StepResult([])
-        meta = build_metadata(plan, self.layout, self.chunk_tokens).to(self.device)
+        meta = build_metadata(plan, self.layout, self.chunk_tokens, self.dtype).to(self.device)
         ctx = ForwardContext(meta, self.cache)
         self.model.convert_to_kv(ctx)
         input_ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.long, device=self.device)

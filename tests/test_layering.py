@@ -1,0 +1,39 @@
+"""Imports point one way (cluster → scheduler_service → hybrid_cache, cluster → worker → hybrid_cache)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+FORBIDDEN = {
+    "hybrid_cache": {"scheduler_service", "worker", "cluster", "bench"},
+    "scheduler_service": {"worker", "cluster", "bench", "torch", "transformers"},
+    "worker": {"scheduler_service", "cluster", "bench"},
+    "cluster": {"bench"},
+}
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_imports_point_one_way(package: str) -> None:
+    files = sorted((REPO / package).rglob("*.py"))
+    assert files, f"package {package} has no modules"
+    wrong = {
+        str(f.relative_to(REPO)): sorted(imported_roots(f) & FORBIDDEN[package])
+        for f in files
+        if imported_roots(f) & FORBIDDEN[package]
+    }
+    assert not wrong, f"imports against the layering: {wrong}"

@@ -89,20 +89,30 @@ class Engine:
     ) -> str:
         """Queue a request; returns its id. Raises ValueError (nothing queued) on bad input."""
         params = params or SamplingParams()
+        if request_id is not None and request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt, override = self.validate(prompt_token_ids, params, cache_type)
         seq_id = next(self._seq_ids)
         request_id = request_id if request_id is not None else f"req-{seq_id}"
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        prompt = self._check_prompt(prompt_token_ids)
-        override = CacheType(cache_type) if cache_type is not None else None
-        layout = self.cache.layout
-        if override is CacheType.HIDDEN and not layout.hidden_allowed:
-            raise HiddenCacheUnavailable(f"cache_type 'hidden' refused: {layout.hidden_unavailable_reason}")
         request = Request(request_id, seq_id, prompt, params, self.clock(), cache_override=override)
-        self._check_fits(request)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request_id
+
+    def validate(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, cache_type: CacheType | str | None
+    ) -> tuple[list[int], CacheType | None]:
+        """Check a request without queueing it (reads only fixed engine facts: safe from any thread)."""
+        prompt = self._check_prompt(prompt_token_ids)
+        try:
+            override = CacheType(cache_type) if cache_type is not None else None
+        except ValueError:
+            raise ValueError(f"cache_type must be 'kv' or 'hidden', got {cache_type!r}") from None
+        layout = self.cache.layout
+        if override is CacheType.HIDDEN and not layout.hidden_allowed:
+            raise HiddenCacheUnavailable(f"cache_type 'hidden' refused: {layout.hidden_unavailable_reason}")
+        self._check_fits(len(prompt), params, override)
+        return prompt, override
 
     def _check_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
         prompt = list(prompt_token_ids)
@@ -120,10 +130,10 @@ class Engine:
             )
         return prompt
 
-    def _check_fits(self, request: Request) -> None:
+    def _check_fits(self, prompt_len: int, params: SamplingParams, override: CacheType | None) -> None:
         # A request that cannot fit alone at its longest would be preempted for ever: refuse it now.
-        longest = min(len(request.prompt_token_ids) + request.params.max_tokens, self.info.max_model_len)
-        allowed = allowed_cache_types(request, self.config.cache_mode, self.cache.layout)
+        longest = min(prompt_len + params.max_tokens, self.info.max_model_len)
+        allowed = allowed_cache_types(override, self.config.cache_mode, self.cache.layout)
         need = min(self.cache.blocks_needed(longest, t) for t in allowed)
         if need > self.cache.num_blocks:
             raise ValueError(

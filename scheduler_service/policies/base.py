@@ -30,13 +30,13 @@ class SchedulerView:
 
     def allowed_types(self, request: Request) -> list[CacheType]:
         """Cache types `request` may use, preferred first."""
-        return allowed_cache_types(request, self.cache_mode, self.cache.layout)
+        return allowed_cache_types(request.cache_override, self.cache_mode, self.cache.layout)
 
 
-def allowed_cache_types(request: Request, mode: CacheMode, layout: CacheLayout) -> list[CacheType]:
+def allowed_cache_types(override: CacheType | None, mode: CacheMode, layout: CacheLayout) -> list[CacheType]:
     """The per-request override if any, else what the cache mode allows; KV first."""
-    if request.cache_override is not None:
-        return [request.cache_override]
+    if override is not None:
+        return [override]
     if mode == "kv" or not layout.hidden_allowed:
         return [CacheType.KV]
     if mode == "hidden":

@@ -18,7 +18,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
         key, value = item.split("=", 1)
         pairs[key] = value
     for flag, key in (("model", "model.path"), ("dtype", "model.dtype"), ("cache", "scheduler.cache_mode"),
-                      ("policy", "scheduler.policy"), ("num_blocks", "cache.num_blocks")):
+                      ("policy", "scheduler.policy"), ("num_blocks", "cache.num_blocks"),
+                      ("host", "server.host"), ("port", "server.port")):
         value = getattr(args, flag, None)
         if value is not None:
             pairs[key] = str(value)
@@ -54,6 +55,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cluster.engine_builder import build_async_engine
+    from cluster.http_server import build_app
+
+    config = load_config(args.config, _overrides(args))
+    engine, tokenizer, name = build_async_engine(config)
+    app = build_app(engine, tokenizer, name)
+    host, port = config.server.host, config.server.port
+    base = f"http://{host}:{port}"
+    print(f"serving {name} at {base}/v1 (Ctrl-C stops)")
+    print("try:")
+    print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{name}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.shutdown()
+    return 0
+
+
 def cmd_make_dummy(argv: list[str]) -> int:
     from worker.dummy import main as dummy_main
 
@@ -79,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true", help="print engine statistics to stderr")
     _engine_flags(gen)
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (127.0.0.1:8000 by default)")
+    serve.add_argument("--host", help="listen address (server.host)")
+    serve.add_argument("--port", type=int, help="listen port (server.port)")
+    _engine_flags(serve)
+    serve.set_defaults(func=cmd_serve)
 
     sub.add_parser("make-dummy", help="write a random-weight checkpoint (see `aptserve make-dummy --help`)",
                    add_help=False)

@@ -15,14 +15,25 @@ from worker.config import ModelConfig
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
+class ServerConfig(BaseModel):
+    """Where `aptserve serve` listens (loopback by default) and the model name it answers to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="listen address; loopback unless you mean to expose it")
+    port: int = Field(8000, ge=0, le=65535)
+    served_model_name: str | None = Field(None, description="default: the model directory's name")
+
+
 class AptServeConfig(BaseModel):
-    """Model, cache and scheduler settings of one engine."""
+    """Model, cache and scheduler settings of one engine, and where it is served."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

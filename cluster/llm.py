@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 from tqdm import tqdm
 
 from cluster.config import AptServeConfig, load_config
-from cluster.executor_local import LocalExecutor
-from cluster.tokenizer import Tokenizer
+from cluster.engine_builder import build_engine
 from hybrid_cache.plan import SamplingParams
-from scheduler_service.engine import Engine, EngineStats
+from scheduler_service.engine import EngineStats
 from scheduler_service.request import RequestOutput
 
 # A prompt is text, token ids, or a dict {"prompt": str} / {"prompt_token_ids": [...]} that may add
 # "cache_type": "kv" | "hidden" to override the cache mode for that request.
-Prompt = Union[str, Sequence[int], dict[str, Any]]
+Prompt = str | Sequence[int] | dict[str, Any]
 
 
 class LLM:
@@ -65,9 +64,7 @@ class LLM:
             self.config = AptServeConfig.model_validate(tree)
         else:
             self.config = load_config(overrides=overrides)
-        self.tokenizer = Tokenizer(self.config.model.path) if Tokenizer.available(self.config.model.path) else None
-        self.executor = LocalExecutor(self.config.model, self.config.cache)
-        self.engine = Engine(self.config.scheduler, self.executor, detokenizer=self.tokenizer)
+        self.engine, self.tokenizer = build_engine(self.config)
 
     def _token_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -80,7 +77,9 @@ class LLM:
         if isinstance(prompt, dict):
             unknown = set(prompt) - {"prompt", "prompt_token_ids", "cache_type"}
             if unknown or ("prompt" in prompt) == ("prompt_token_ids" in prompt):
-                raise ValueError("a prompt dict needs exactly one of 'prompt' / 'prompt_token_ids' (and may add 'cache_type')")
+                raise ValueError(
+                    "a prompt dict needs exactly one of 'prompt' / 'prompt_token_ids' (and may add 'cache_type')"
+                )
             return self._token_ids(prompt.get("prompt", prompt.get("prompt_token_ids"))), prompt.get("cache_type")
         return self._token_ids(prompt), None
 

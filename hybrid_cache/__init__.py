@@ -5,11 +5,11 @@ the tensors and ops, and the batch plan that crosses between them is defined her
 """
 
 from hybrid_cache.block_pool import BlockPool, BlockPoolError
+from hybrid_cache.config import CacheConfig
+from hybrid_cache.info import WorkerInfo
 from hybrid_cache.layout import CacheLayout, HiddenCacheUnavailable
 from hybrid_cache.manager import CacheManager, CacheUsage
-from hybrid_cache.config import CacheConfig
 from hybrid_cache.plan import BatchPlan, CacheType, Conversion, SamplingParams, SequencePlan
-from hybrid_cache.info import WorkerInfo
 
 __all__ = [
     "BatchPlan",

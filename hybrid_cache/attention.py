@@ -76,7 +76,9 @@ def _recompute(
     return kv.view(n, 2, -1, layer.kv.shape[-1])
 
 
-def convert_to_kv(layer: LayerCache, workspace: RecomputeWorkspace, meta: AttentionMetadata, project_kv: ProjectKV) -> None:
+def convert_to_kv(
+    layer: LayerCache, workspace: RecomputeWorkspace, meta: AttentionMetadata, project_kv: ProjectKV
+) -> None:
     """Hidden→KV in place for this layer: project K/V from stored x into the new KV blocks."""
     for chunk in meta.conversions:
         layer.kv[chunk.slots] = _recompute(layer, workspace, chunk.rows, chunk.positions, project_kv)

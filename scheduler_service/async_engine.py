@@ -92,21 +92,23 @@ class AsyncEngine:
     def _fail_all(self, err: BaseException) -> None:
         with self._cond:
             streams, self._streams = list(self._streams.values()), {}
+        dead = EngineDeadError(f"the engine loop stopped: {err}")
         for stream in streams:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(f"the engine loop stopped: {err}"))
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, dead)
 
     # -- requests ------------------------------------------------------------------------------
-    async def generate(
+    def generate(
         self,
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         request_id: str,
         cache_type: CacheType | str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield an output after every step that gave this request a token; the last one is finished.
+        """Queue a request now and return its stream of outputs (call from a running event loop).
 
-        Bad input raises ValueError before anything is queued. If the caller stops iterating (a
-        client went away), the request is aborted and its blocks are freed.
+        Bad input raises ValueError here, before anything is queued. The stream yields an output
+        after every step that gave the request a token; the last one is finished. If the caller
+        stops iterating (a client went away), the request is aborted and its blocks are freed.
         """
         prompt, override = self.engine.validate(prompt_token_ids, params, cache_type)
         queue: asyncio.Queue = asyncio.Queue()
@@ -118,6 +120,9 @@ class AsyncEngine:
             self._streams[request_id] = _Stream(asyncio.get_running_loop(), queue)
             self._inbox.append(_Add(request_id, prompt, params, override))
             self._cond.notify()
+        return self._outputs(request_id, queue)
+
+    async def _outputs(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:

@@ -25,7 +25,9 @@ class ScheduledStep:
 class Scheduler:
     """Owns the waiting queue and the running set; every change to a request's blocks goes through here."""
 
-    def __init__(self, config: SchedulerConfig, cache: CacheManager, policy: Policy, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, config: SchedulerConfig, cache: CacheManager, policy: Policy, max_num_batched_tokens: int
+    ) -> None:
         self.config = config
         self.cache = cache
         self.policy = policy

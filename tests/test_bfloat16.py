@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import VOCAB, make_hf_model
+
 from hybrid_cache import CacheConfig, CacheManager, CacheType, SamplingParams
 from hybrid_cache.plan import BatchPlan, SequencePlan
 from worker.config import ModelConfig
@@ -25,7 +25,8 @@ def teacher_forced_logits(runner: ModelRunner, tokens: list[int], cache_type: Ca
     cache = CacheManager(runner.layout, runner.cache.num_blocks)
     greedy = SamplingParams(temperature=0.0)
     cache.allocate(0, PROMPT_LEN, cache_type)
-    rows = [runner.execute(BatchPlan([SequencePlan(0, tokens[:PROMPT_LEN], 0, cache_type, cache.table(0).blocks, greedy)]), return_logits=True).logits[0]]
+    prefill = BatchPlan([SequencePlan(0, tokens[:PROMPT_LEN], 0, cache_type, cache.table(0).blocks, greedy)])
+    rows = [runner.execute(prefill, return_logits=True).logits[0]]
     for pos in range(PROMPT_LEN, len(tokens)):
         cache.grow(0, pos + 1)
         plan = BatchPlan([SequencePlan(0, [tokens[pos]], pos, cache_type, cache.table(0).blocks, greedy)])

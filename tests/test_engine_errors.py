@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import MAX_POSITIONS, VOCAB
 
 from cluster import LLM, SamplingParams
 from hybrid_cache import HiddenCacheUnavailable
-from conftest import MAX_POSITIONS, VOCAB
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
 

@@ -7,9 +7,9 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import VOCAB, assert_matches_reference, hf_greedy, make_hf_model
 
 from cluster import SamplingParams
-from conftest import VOCAB, assert_matches_reference, hf_greedy, make_hf_model
 
 NUM_PROMPTS = 10
 PROMPT_LENGTHS = [3, 9, 17, 5, 30, 12, 1, 24, 7, 40]
@@ -97,7 +97,10 @@ def test_hybrid_mode_converts_hidden_to_kv_mid_generation(tiny_models: dict[str,
     llm = make_llm(tiny_models[name], block_size=4, num_blocks=24, cache_mode="hybrid", recompute_chunk_tokens=16)
     llm.engine.config.conversion_free_fraction = 0.0
     engine = llm.engine
-    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for p, n in zip(batch, max_new)]
+    ids = [
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        for p, n in zip(batch, max_new)
+    ]
     seen_types: dict[str, set[str]] = {i: set() for i in ids}
     finished = {}
     while engine.has_unfinished():

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, SMOLLM2_DIR, assert_matches_reference, hf_greedy
 
 from cluster import SamplingParams
-from conftest import REPO, SMOLLM2_DIR, assert_matches_reference, hf_greedy
 
 PROMPTS = [
     "The capital of France is",

@@ -184,7 +184,9 @@ def write_dummy_checkpoint(
     need = estimate_bytes(config, dtype)
     for what, have in (("free disk space", _free_disk(out_dir)), ("memory (RAM)", _total_ram())):
         if need > have:
-            raise ValueError(f"{arch}-{size} needs {need / 2**30:.1f} GiB of weights but {what} is {have / 2**30:.1f} GiB")
+            raise ValueError(
+                f"{arch}-{size} needs {need / 2**30:.1f} GiB of weights but {what} is {have / 2**30:.1f} GiB"
+            )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))

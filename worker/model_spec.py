@@ -80,7 +80,9 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
         if not cfg.get("do_layer_norm_before", True):
             raise ValueError("post-LayerNorm OPT (opt-350m) is not supported: only pre-LayerNorm OPT models")
         if cfg.get("word_embed_proj_dim", hidden) != hidden:
-            raise ValueError("OPT models with a projected embedding (word_embed_proj_dim != hidden_size) are not supported")
+            raise ValueError(
+                "OPT models with a projected embedding (word_embed_proj_dim != hidden_size) are not supported"
+            )
         if cfg.get("activation_function", "relu") != "relu":
             raise ValueError(f"OPT activation {cfg.get('activation_function')!r} is not supported (relu only)")
         return ModelSpec(

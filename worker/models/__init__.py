@@ -1,9 +1,9 @@
 """Decoder-only models whose attention reads and writes the hybrid cache."""
 
+from worker.model_spec import ModelSpec
 from worker.models.base import CausalLM, ForwardContext
 from worker.models.llama import LlamaForCausalLM
 from worker.models.opt import OPTForCausalLM
-from worker.model_spec import ModelSpec
 
 
 def build_model(spec: ModelSpec) -> CausalLM:

@@ -1,0 +1,155 @@
+"""The OpenAI-compatible HTTP API over a real uvicorn server on 127.0.0.1 (tiny OPT, SmolLM2 tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+from conftest import SMOLLM2_DIR
+
+from cluster.config import load_config
+from cluster.engine_builder import build_async_engine
+from cluster.http_server import build_app
+from worker import dummy
+
+MODEL = "tiny-opt"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
+    path = tmp_path_factory.mktemp("tiny-opt")
+    dummy.write_dummy_checkpoint("opt", "125m", path, SMOLLM2_DIR, seed=0, dtype="float32", init_std=0.3,
+                                 shape=dummy.Shape(hidden=64, layers=2, heads=4, kv_heads=4, ffn=128))
+    config = load_config(overrides={"model.path": str(path), "cache.block_size": 4, "cache.num_blocks": 512,
+                                    "scheduler.cache_mode": "hybrid", "server.served_model_name": MODEL})
+    engine, tokenizer, name = build_async_engine(config)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(build_app(engine, tokenizer, name), host="127.0.0.1", port=port,
+                                       log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not uv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert uv.started, "the server did not start"
+    yield base, engine
+    uv.should_exit = True
+    thread.join(timeout=10)
+    engine.shutdown()
+
+
+def wait_idle(engine, timeout: float = 10.0) -> None:
+    """The engine ends every request and frees every block (bounded wait: the loop runs on a thread)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats.num_running == 0 and stats.num_waiting == 0 and stats.cache.num_free == stats.cache.num_blocks:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+def sse(response: httpx.Response) -> list[dict | str]:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+COMPLETION = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0,
+              "ignore_eos": True}
+
+
+def test_completion_stream_equals_non_stream(server) -> None:
+    base, engine = server
+    plain = httpx.post(f"{base}/v1/completions", json=COMPLETION, timeout=60).json()
+    assert plain["object"] == "text_completion" and plain["choices"][0]["finish_reason"] == "length"
+    assert plain["usage"]["completion_tokens"] == 12
+    with httpx.stream("POST", f"{base}/v1/completions", timeout=60,
+                      json=COMPLETION | {"stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse(r)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["usage"] == plain["usage"] and events[-2]["choices"] == []
+    text = "".join(e["choices"][0]["text"] for e in events[:-2])
+    assert text == plain["choices"][0]["text"]
+    assert events[-3]["choices"][0]["finish_reason"] == "length"
+    wait_idle(engine)
+
+
+def test_chat_completion(server) -> None:
+    base, engine = server
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6,
+            "temperature": 0, "ignore_eos": True}
+    plain = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).json()
+    assert plain["object"] == "chat.completion"
+    assert plain["choices"][0]["message"]["role"] == "assistant"
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body | {"stream": True}, timeout=60) as r:
+        events = sse(r)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant" and events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == plain["choices"][0]["message"]["content"]
+    wait_idle(engine)
+
+
+def test_models_and_health(server) -> None:
+    base, _ = server
+    assert httpx.get(f"{base}/health").status_code == 200
+    models = httpx.get(f"{base}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"model": "other", "prompt": "hi"}, 404, "does not exist"),
+        ({"model": MODEL, "prompt": "hi", "n": 2}, 400, "n=1"),
+        ({"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
+        ({"model": MODEL, "prompt": ""}, 400, "empty"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 5000}, 400, "maximum context length"),
+        ({"model": MODEL, "prompt": [1] * 3000}, 400, "context"),
+        ({"model": MODEL, "prompt": [10**9]}, 400, "vocabulary"),
+        ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+        ({"model": MODEL, "prompt": "hi", "cache_type": "disk"}, 400, "cache_type"),
+        ({"model": MODEL}, 400, "prompt"),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body: dict, status: int, message: str) -> None:
+    base, engine = server
+    response = httpx.post(f"{base}/v1/completions", json=body, timeout=30)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert message in error["message"] and error["code"] == status and error["type"]
+    wait_idle(engine)
+
+
+def test_malformed_json(server) -> None:
+    base, _ = server
+    response = httpx.post(f"{base}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+
+
+def test_disconnect_aborts_and_frees_blocks(server) -> None:
+    base, engine = server
+    body = COMPLETION | {"max_tokens": 400, "stream": True}
+    for _ in range(3):
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            seen = [next(lines) for _ in range(4)]
+            assert any(line.startswith("data: ") for line in seen)
+    wait_idle(engine)
+    # The server still serves.
+    assert httpx.post(f"{base}/v1/completions", json=COMPLETION, timeout=60).status_code == 200
+    wait_idle(engine)

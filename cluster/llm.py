@@ -110,10 +110,11 @@ class LLM:
             self.engine.step()  # deliver the aborts so nothing stays queued
             raise
         finished: dict[str, RequestOutput] = {}
+        wanted = set(ids)
         with tqdm(total=len(ids), disable=not use_tqdm, desc="generate") as bar:
             while len(finished) < len(ids):
                 for output in self.engine.step():
-                    if output.finished and output.request_id in set(ids):
+                    if output.finished and output.request_id in wanted:
                         finished[output.request_id] = output
                         bar.update(1)
         return [finished[i] for i in ids]

@@ -88,20 +88,29 @@ class AttentionMetadata:
         return move(self)  # type: ignore[return-value]
 
 
-def _chunked(rows: list[torch.Tensor], chunk_tokens: int) -> list[tuple[int, int, int, int]]:
-    """Split consecutive row groups into chunks: (group, group_begin, group_end, chunk_number)."""
-    out = []
-    chunk, used = 0, 0
-    for g, group in enumerate(rows):
+def _history_chunks(
+    rows: list[torch.Tensor], positions: list[torch.Tensor], chunk_tokens: int
+) -> list[HistoryChunk]:
+    """Pack each hidden span's history rows, in span order, into chunks of at most `chunk_tokens` rows."""
+    chunks: list[HistoryChunk] = []
+    chunk_rows: list[torch.Tensor] = []
+    chunk_positions: list[torch.Tensor] = []
+    pieces: list[tuple[int, int, int]] = []
+    used = 0
+    for span_index, (span_rows, span_positions) in enumerate(zip(rows, positions)):
         begin = 0
-        while begin < len(group):
-            take = min(len(group) - begin, chunk_tokens - used)
-            out.append((g, begin, begin + take, chunk))
-            begin += take
-            used += take
+        while begin < len(span_rows):
+            take = min(len(span_rows) - begin, chunk_tokens - used)
+            chunk_rows.append(span_rows[begin : begin + take])
+            chunk_positions.append(span_positions[begin : begin + take])
+            pieces.append((span_index, used, used + take))
+            begin, used = begin + take, used + take
             if used == chunk_tokens:
-                chunk, used = chunk + 1, 0
-    return out
+                chunks.append(HistoryChunk(torch.cat(chunk_rows), torch.cat(chunk_positions), pieces))
+                chunk_rows, chunk_positions, pieces, used = [], [], [], 0
+    if used:
+        chunks.append(HistoryChunk(torch.cat(chunk_rows), torch.cat(chunk_positions), pieces))
+    return chunks
 
 
 def build_metadata(
@@ -179,16 +188,5 @@ def build_metadata(
             additive = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))[:, None, None, :]
         meta.kv_decode = KVDecodeGroup(torch.tensor(decode_tokens), slots, additive)
 
-    chunks: dict[int, HistoryChunk] = {}
-    piece_starts: dict[int, int] = {}
-    for span_index, begin, end, number in _chunked(history_rows, chunk_tokens):
-        chunk = chunks.setdefault(number, HistoryChunk([], [], []))  # type: ignore[arg-type]
-        used = piece_starts.get(number, 0)
-        chunk.rows.append(history_rows[span_index][begin:end])  # type: ignore[attr-defined]
-        chunk.positions.append(history_pos[span_index][begin:end])  # type: ignore[attr-defined]
-        chunk.pieces.append((span_index, used, used + end - begin))
-        piece_starts[number] = used + end - begin
-    for number in sorted(chunks):
-        chunk = chunks[number]
-        meta.hidden_history.append(HistoryChunk(cat(chunk.rows), cat(chunk.positions), chunk.pieces))  # type: ignore[arg-type]
+    meta.hidden_history = _history_chunks(history_rows, history_pos, chunk_tokens)
     return meta

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -122,6 +123,15 @@ class CausalLM(nn.Module):
     def weight_targets(self, name: str) -> tuple[str, int] | None:
         """Map a Hugging Face tensor name to (our parameter, row offset) or None to ignore it."""
         raise NotImplementedError
+
+    def _qkv_target(self, name: str) -> tuple[str, int] | None:
+        """Separate q/k/v projections of a checkpoint land in row ranges of our fused `qkv_proj`."""
+        match = re.fullmatch(r"layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)", name)
+        if match is None:
+            return None
+        layer, which, kind = match.groups()
+        q, kv = self.attention_layers[0].q_size, self.attention_layers[0].kv_size
+        return f"layers.{layer}.self_attn.qkv_proj.{kind}", {"q": 0, "k": q, "v": q + kv}[which]
 
     def convert_to_kv(self, ctx: ForwardContext) -> None:
         """Run the planned hidden→KV conversions, layer by layer."""

@@ -55,11 +55,9 @@ class LlamaForCausalLM(CausalLM):
             return None if self.lm_head is None else ("lm_head.weight", 0)
         if "rotary_emb" in name:
             return None
-        match = re.fullmatch(r"layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)", name)
-        if match:
-            layer, which, kind = match.groups()
-            q, kv = self.attention_layers[0].q_size, self.attention_layers[0].kv_size
-            return f"layers.{layer}.self_attn.qkv_proj.{kind}", {"q": 0, "k": q, "v": q + kv}[which]
+        qkv = self._qkv_target(name)
+        if qkv is not None:
+            return qkv
         match = re.fullmatch(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", name)
         if match:
             layer, which, kind = match.groups()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,10 +52,4 @@ class OPTForCausalLM(CausalLM):
         name = name.removeprefix("model.").removeprefix("decoder.")
         if name == "lm_head.weight":
             return None if self.lm_head is None else ("lm_head.weight", 0)
-        match = re.fullmatch(r"layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)", name)
-        if match:
-            layer, which, kind = match.groups()
-            q, kv = self.attention_layers[0].q_size, self.attention_layers[0].kv_size
-            offset = {"q": 0, "k": q, "v": q + kv}[which]
-            return f"layers.{layer}.self_attn.qkv_proj.{kind}", offset
-        return name.replace("self_attn.out_proj", "self_attn.o_proj"), 0
+        return self._qkv_target(name) or (name.replace("self_attn.out_proj", "self_attn.o_proj"), 0)

@@ -1,7 +1,8 @@
 """Output tokens/s of our engine vs transformers `generate` on the same model and batch.
 
 Default: OPT-125m with dummy weights, batch 16, 128 prompt / 128 output tokens, float32, greedy.
-Both run in this process, one after the other, after a warm-up, with the same thread count.
+All run in this process, one after another (interleaved repeats, best kept), after a warm-up, with
+the same thread count.
 
     .venv/bin/python -m bench.engine_throughput [--threads 2] [--json out.json]
 """
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         "aptserve hidden": lambda: time_ours(model, prompts, args.output_len, args.dtype, "hidden"),
     }
     results: dict[str, float] = {}
-    runs = [(name, i) for name in systems for i in range(args.repeats)]
+    # Interleaved (A, B, C, A, B, C): slow drift of a shared machine hits every system alike.
+    runs = [(name, i) for i in range(args.repeats) for name in systems]
     for name, _ in tqdm(runs, desc="benchmark runs"):
         seconds = systems[name]()
         results[name] = min(results.get(name, float("inf")), seconds)

@@ -25,8 +25,8 @@ class ProjectKV(Protocol):
 def store(layer: LayerCache, meta: AttentionMetadata, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
     """Write this step's K/V (KV requests) and x (hidden requests) into their cache slots."""
     if meta.kv_write_tokens.numel():
-        layer.kv[meta.kv_write_slots, 0] = k[meta.kv_write_tokens]
-        layer.kv[meta.kv_write_slots, 1] = v[meta.kv_write_tokens]
+        layer.keys[meta.kv_write_blocks, meta.kv_write_offsets] = k[meta.kv_write_tokens]
+        layer.values[meta.kv_write_blocks, meta.kv_write_offsets] = v[meta.kv_write_tokens]
     if meta.hidden_write_tokens.numel():
         assert layer.hidden is not None, "hidden rows planned for a model without a hidden cache"
         layer.hidden[meta.hidden_write_rows] = x[meta.hidden_write_tokens]
@@ -73,7 +73,13 @@ def _recompute(
     torch.index_select(layer.hidden, 0, rows, out=x)
     kv = workspace.kv[:n]
     project_kv(x, positions, kv)
-    return kv.view(n, 2, -1, layer.kv.shape[-1])
+    return kv.view(n, 2, -1, layer.keys.shape[-1])
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """Whole blocks of keys (or values) `[..., blocks * block_size, nkv, d]` for block tables `[..., blocks]`."""
+    gathered = cache.index_select(0, block_tables.flatten())
+    return gathered.view(*block_tables.shape[:-1], -1, *cache.shape[2:])
 
 
 def convert_to_kv(
@@ -81,7 +87,9 @@ def convert_to_kv(
 ) -> None:
     """Hidden→KV in place for this layer: project K/V from stored x into the new KV blocks."""
     for chunk in meta.conversions:
-        layer.kv[chunk.slots] = _recompute(layer, workspace, chunk.rows, chunk.positions, project_kv)
+        kv = _recompute(layer, workspace, chunk.rows, chunk.positions, project_kv)
+        layer.keys[chunk.kv_blocks, chunk.kv_offsets] = kv[:, 0]
+        layer.values[chunk.kv_blocks, chunk.kv_offsets] = kv[:, 1]
 
 
 def hybrid_attention(
@@ -99,9 +107,8 @@ def hybrid_attention(
 
     group = meta.kv_decode
     if group is not None:
-        context = layer.kv[group.slots]  # [B, L, 2, nkv, d]
-        keys = context[:, :, 0].transpose(1, 2)
-        values = context[:, :, 1].transpose(1, 2)
+        keys = _gather(layer.keys, group.block_tables).transpose(1, 2)  # [B, nkv, L, d]
+        values = _gather(layer.values, group.block_tables).transpose(1, 2)
         queries = q[group.token_index].unsqueeze(2)
         result = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=True
@@ -110,13 +117,14 @@ def hybrid_attention(
 
     for span in meta.kv_spans:
         queries = q[span.begin : span.end].transpose(0, 1)
-        if span.context_slots is None:
+        if span.context_blocks is None:
             keys, values = k[span.begin : span.end], v[span.begin : span.end]
             mask, causal = None, True
         else:
-            context = layer.kv[span.context_slots]
-            keys, values = context[:, 0], context[:, 1]
-            nq, nk = span.end - span.begin, keys.shape[0]
+            nq = span.end - span.begin
+            nk = span.start_pos + nq
+            keys = _gather(layer.keys, span.context_blocks)[:nk]
+            values = _gather(layer.values, span.context_blocks)[:nk]
             mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
             causal = False
         result = F.scaled_dot_product_attention(

@@ -10,11 +10,27 @@ from hybrid_cache.layout import CacheLayout
 from hybrid_cache.plan import BatchPlan, CacheType
 
 
-def slots_for(block_table: list[int], start: int, end: int, tokens_per_block: int) -> torch.Tensor:
-    """Flat slot (or hidden row) indices of positions `start..end-1` in a block table."""
+def block_offsets(
+    block_table: list[int], start: int, end: int, tokens_per_block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block, offset in block) of positions `start..end-1` in a block table."""
     positions = torch.arange(start, end)
-    blocks = torch.tensor(block_table, dtype=torch.long)
-    return blocks[positions // tokens_per_block] * tokens_per_block + positions % tokens_per_block
+    blocks = torch.tensor(block_table, dtype=torch.long)[positions // tokens_per_block]
+    return blocks, positions % tokens_per_block
+
+
+def rows_for(block_table: list[int], start: int, end: int, tokens_per_block: int) -> torch.Tensor:
+    """Flat hidden-row indices of positions `start..end-1` in a block table."""
+    blocks, offsets = block_offsets(block_table, start, end, tokens_per_block)
+    return blocks * tokens_per_block + offsets
+
+
+def padded_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one `[B, max blocks]` tensor, padded with block 0 (masked out by the caller)."""
+    out = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.long)
+    for i, table in enumerate(tables):
+        out[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+    return out
 
 
 @dataclass
@@ -22,8 +38,8 @@ class KVDecodeGroup:
     """KV requests with one new token each, attended in one padded call."""
 
     token_index: torch.Tensor  # [B] rows of the step's token batch
-    slots: torch.Tensor  # [B, L] context slots, padded with slot 0
-    mask: torch.Tensor | None  # [B, 1, 1, L] additive (0 or -inf); None when no row is padded
+    block_tables: torch.Tensor  # [B, max blocks], padded with block 0
+    mask: torch.Tensor | None  # [B, 1, 1, max blocks * block_size] additive (0 or -inf); None if unpadded
 
 
 @dataclass
@@ -33,7 +49,7 @@ class Span:
     begin: int
     end: int
     start_pos: int
-    context_slots: torch.Tensor | None = None  # KV requests with history: slots of positions 0..ctx-1
+    context_blocks: torch.Tensor | None = None  # KV requests with history: blocks holding positions 0..end
 
 
 @dataclass
@@ -50,10 +66,11 @@ class HistoryChunk:
 
 @dataclass
 class ConversionChunk:
-    """Rows of a hidden→KV conversion: read x from `rows`, write K/V to `slots`."""
+    """Rows of a hidden→KV conversion: read x from `rows`, write K/V at (`kv_blocks`, `kv_offsets`)."""
 
     rows: torch.Tensor
-    slots: torch.Tensor
+    kv_blocks: torch.Tensor
+    kv_offsets: torch.Tensor
     positions: torch.Tensor
 
 
@@ -61,7 +78,8 @@ class ConversionChunk:
 class AttentionMetadata:
     positions: torch.Tensor
     kv_write_tokens: torch.Tensor
-    kv_write_slots: torch.Tensor
+    kv_write_blocks: torch.Tensor
+    kv_write_offsets: torch.Tensor
     hidden_write_tokens: torch.Tensor
     hidden_write_rows: torch.Tensor
     logits_index: torch.Tensor  # last token of each request, in plan order
@@ -119,8 +137,8 @@ def build_metadata(
     """Turn a batch plan into the index tensors the attention and recompute ops use (on CPU)."""
     kv_tpb = layout.block_size
     hidden_tpb = layout.tokens_per_block(CacheType.HIDDEN) if layout.hidden_allowed else 0
-    positions, kv_tok, kv_slots, hid_tok, hid_rows, last = [], [], [], [], [], []
-    decode_tokens, decode_slots = [], []
+    positions, kv_tok, kv_blocks, kv_offsets, hid_tok, hid_rows, last = [], [], [], [], [], [], []
+    decode_tokens, decode_tables, decode_lengths = [], [], []
     kv_spans: list[Span] = []
     hidden_spans: list[Span] = []
     history_rows: list[torch.Tensor] = []
@@ -138,27 +156,27 @@ def build_metadata(
             conv = seq.conversion
             for start in range(0, conv.num_tokens, chunk_tokens):
                 stop = min(conv.num_tokens, start + chunk_tokens)
-                conversions.append(
-                    ConversionChunk(
-                        rows=slots_for(conv.hidden_blocks, start, stop, hidden_tpb),
-                        slots=slots_for(conv.kv_blocks, start, stop, kv_tpb),
-                        positions=torch.arange(start, stop),
-                    )
-                )
+                blocks, offsets = block_offsets(conv.kv_blocks, start, stop, kv_tpb)
+                rows = rows_for(conv.hidden_blocks, start, stop, hidden_tpb)
+                conversions.append(ConversionChunk(rows, blocks, offsets, torch.arange(start, stop)))
         if seq.cache_type is CacheType.KV:
             kv_tok.append(token_index)
-            kv_slots.append(slots_for(seq.block_table, seq.start_pos, seq.context_len, kv_tpb))
+            blocks, offsets = block_offsets(seq.block_table, seq.start_pos, seq.context_len, kv_tpb)
+            kv_blocks.append(blocks)
+            kv_offsets.append(offsets)
+            used = seq.block_table[: -(-seq.context_len // kv_tpb)]
             if seq.num_new == 1:
                 decode_tokens.append(begin)
-                decode_slots.append(slots_for(seq.block_table, 0, seq.context_len, kv_tpb))
+                decode_tables.append(used)
+                decode_lengths.append(seq.context_len)
             else:
-                context = slots_for(seq.block_table, 0, seq.context_len, kv_tpb) if seq.start_pos else None
+                context = torch.tensor(used, dtype=torch.long) if seq.start_pos else None
                 kv_spans.append(Span(begin, end, seq.start_pos, context))
         else:
             hid_tok.append(token_index)
-            hid_rows.append(slots_for(seq.block_table, seq.start_pos, seq.context_len, hidden_tpb))
+            hid_rows.append(rows_for(seq.block_table, seq.start_pos, seq.context_len, hidden_tpb))
             hidden_spans.append(Span(begin, end, seq.start_pos))
-            history_rows.append(slots_for(seq.block_table, 0, seq.start_pos, hidden_tpb))
+            history_rows.append(rows_for(seq.block_table, 0, seq.start_pos, hidden_tpb))
             history_pos.append(torch.arange(seq.start_pos))
 
     def cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -167,7 +185,8 @@ def build_metadata(
     meta = AttentionMetadata(
         positions=cat(positions),
         kv_write_tokens=cat(kv_tok),
-        kv_write_slots=cat(kv_slots),
+        kv_write_blocks=cat(kv_blocks),
+        kv_write_offsets=cat(kv_offsets),
         hidden_write_tokens=cat(hid_tok),
         hidden_write_rows=cat(hid_rows),
         logits_index=torch.tensor(last, dtype=torch.long),
@@ -176,17 +195,15 @@ def build_metadata(
         conversions=conversions,
     )
     if decode_tokens:
-        width = max(len(s) for s in decode_slots)
-        slots = torch.zeros(len(decode_slots), width, dtype=torch.long)
-        mask = torch.zeros(len(decode_slots), width, dtype=torch.bool)
-        for i, s in enumerate(decode_slots):
-            slots[i, : len(s)] = s
-            mask[i, : len(s)] = True
+        tables = padded_tables(decode_tables)
+        width = tables.shape[1] * kv_tpb
+        lengths = torch.tensor(decode_lengths)
+        padding = torch.arange(width).unsqueeze(0) >= lengths.unsqueeze(1)
         # An additive float mask, built once per step: a boolean one is converted again in every layer.
         additive = None
-        if not bool(mask.all()):
-            additive = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))[:, None, None, :]
-        meta.kv_decode = KVDecodeGroup(torch.tensor(decode_tokens), slots, additive)
+        if bool(padding.any()):
+            additive = torch.zeros(padding.shape, dtype=dtype).masked_fill_(padding, float("-inf"))[:, None, None, :]
+        meta.kv_decode = KVDecodeGroup(torch.tensor(decode_tokens), tables, additive)
 
     meta.hidden_history = _history_chunks(history_rows, history_pos, chunk_tokens)
     return meta

@@ -12,14 +12,16 @@ from hybrid_cache.plan import CacheType
 
 @dataclass
 class LayerCache:
-    """One layer's buffer `[num_blocks, block_elems]` and two flat views of it.
+    """One layer's buffer `[num_blocks, block_elems]` and its views.
 
-    `kv[slot]` is `[2, num_kv_heads, head_dim]` (slot = block * block_size + offset);
-    `hidden[row]` is `[hidden_size]` (row = block * hidden_tokens_per_block + offset).
+    `keys[block, offset]` and `values[block, offset]` are `[num_kv_heads, head_dim]`: a block keeps its
+    K rows together and its V rows together, so attention gathers whole blocks (fast contiguous
+    copies). `hidden[row]` is `[hidden_size]` (row = block * hidden_tokens_per_block + offset).
     """
 
     buffer: torch.Tensor
-    kv: torch.Tensor
+    keys: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    values: torch.Tensor
     hidden: torch.Tensor | None
 
 
@@ -57,12 +59,12 @@ class CacheTensors:
         self.layers: list[LayerCache] = []
         for _ in range(layout.num_layers):
             buffer = torch.zeros(num_blocks, layout.block_elems, dtype=dtype, device=device)
-            kv = buffer.view(num_blocks * layout.block_size, 2, layout.num_kv_heads, layout.head_dim)
+            kv = buffer.view(num_blocks, 2, layout.block_size, layout.num_kv_heads, layout.head_dim)
             hidden = None
             if layout.hidden_allowed:
                 rows = layout.tokens_per_block(CacheType.HIDDEN)
                 hidden = buffer.view(num_blocks * rows, layout.hidden_size)
-            self.layers.append(LayerCache(buffer, kv, hidden))
+            self.layers.append(LayerCache(buffer, kv[:, 0], kv[:, 1], hidden))
         self.workspace = RecomputeWorkspace(layout, recompute_chunk_tokens, dtype, device)
 
     @property

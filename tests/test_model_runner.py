@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import VOCAB, make_hf_model
+
 from hybrid_cache import CacheConfig, CacheManager, CacheType, SamplingParams
 from hybrid_cache.plan import BatchPlan, SequencePlan
 from worker.config import ModelConfig

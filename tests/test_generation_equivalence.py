@@ -62,6 +62,11 @@ def test_hidden_mode(tiny_models: dict[str, Path], make_llm, name: str) -> None:
     # A small recompute chunk makes long histories span several chunks (online-softmax merge).
     llm = make_llm(tiny_models[name], block_size=4, num_blocks=400, cache_mode="hidden", recompute_chunk_tokens=16)
     run_and_compare(llm, name, [None] * NUM_PROMPTS)
+    stats = llm.stats()
+    # The engine's own report: hidden bytes are r = 0.5 times KV bytes; a block holds 1/r as many tokens.
+    assert stats.ratio == 0.5
+    assert stats.hidden_bytes_per_token_per_layer * 2 == stats.kv_bytes_per_token_per_layer
+    assert stats.hidden_tokens_per_block == 2 * stats.block_size
 
 
 @pytest.mark.parametrize("name", MHA)

@@ -3,9 +3,11 @@
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.engine import Engine, EngineStats
 from scheduler_service.executor import Detokenizer, Executor
+from scheduler_service.knapsack import CacheOption, choose_cache_types
 from scheduler_service.request import FinishReason, Request, RequestOutput, RequestStatus
 
 __all__ = [
+    "CacheOption",
     "Detokenizer",
     "Engine",
     "EngineStats",
@@ -15,4 +17,5 @@ __all__ = [
     "RequestOutput",
     "RequestStatus",
     "SchedulerConfig",
+    "choose_cache_types",
 ]

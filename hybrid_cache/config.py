@@ -21,6 +21,11 @@ class CacheConfig(BaseModel):
         2048, gt=0, description="rows of x recomputed at once; sizes the fixed recompute workspace"
     )
 
+    profile_token_counts: list[int] = Field(
+        [32, 128, 512], min_length=2, description="history lengths timed at start-up to fit the recompute cost"
+    )
+    profile_repeats: int = Field(3, gt=0, description="timed passes per length (the fastest is kept)")
+
     @model_validator(mode="after")
     def _one_budget(self) -> CacheConfig:
         if self.num_blocks is None and self.memory_bytes is None:

@@ -8,8 +8,26 @@ from hybrid_cache.layout import CacheLayout
 
 
 @dataclass(frozen=True)
+class CostModel:
+    """The K/V recompute cost, measured at start-up on the real device, dtype and shard (DESIGN §6).
+
+    Recomputing K/V of `t` history tokens through all layers takes about `fixed_seconds +
+    seconds_per_token * t`; `alpha` is that per-token slope times the block size: the seconds one KV
+    block's worth of hidden history adds to every step (`α` of DESIGN §2).
+    """
+
+    fixed_seconds: float
+    seconds_per_token: float
+    block_size: int
+
+    @property
+    def alpha(self) -> float:
+        return self.seconds_per_token * self.block_size
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
-    """The model's limits and the cache that rank 0 allocated."""
+    """The model's limits, the cache that rank 0 allocated, and its measured recompute cost."""
 
     vocab_size: int
     max_model_len: int
@@ -17,3 +35,4 @@ class WorkerInfo:
     layout: CacheLayout
     num_blocks: int
     cache_bytes: int  # blocks plus workspace, per rank
+    cost: CostModel

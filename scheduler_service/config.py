@@ -14,13 +14,24 @@ class SchedulerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    policy: Literal["fcfs"] = Field("fcfs", description="scheduling policy")
+    policy: Literal["fcfs", "apt"] = Field("fcfs", description="fcfs (vLLM-like) or apt (adaptive, DESIGN §2)")
     cache_mode: CacheMode = Field(
         "kv", description="kv: K/V only; hidden: x only; hybrid: the policy picks per request"
     )
     max_num_seqs: int = Field(256, gt=0, description="most requests in one step")
     max_num_batched_tokens: int | None = Field(
         None, gt=0, description="most tokens in one step; None means the model's context length"
+    )
+    ttft_slo_s: float = Field(5.0, gt=0, description="default time-to-first-token SLO (per-request override)")
+    tbt_slo_s: float = Field(1.0, gt=0, description="default time-between-tokens SLO (per-request override)")
+    recompute_seconds_per_block: float | None = Field(
+        None, ge=0, description="apt's alpha; None uses the cost measured at start-up"
+    )
+    pending_floor_s: float = Field(
+        1e-3, gt=0, description="apt adds this to every pending time so a request that just arrived still counts"
+    )
+    violator_density: float = Field(
+        1e-6, gt=0, description="apt's value per block for requests already past an SLO: served only with spare room"
     )
     conversion_free_fraction: float = Field(
         0.1,

@@ -33,12 +33,15 @@ class EngineStats:
     num_steps: int
     num_preemptions: int
     num_conversions: int
+    tokens_by_cache_type: dict[str, int]  # generated tokens, by the cache type their request held
     block_size: int
     hidden_tokens_per_block: int | None
     ratio: float  # r: hidden bytes per token over KV bytes per token
     kv_bytes_per_token_per_layer: int
     hidden_bytes_per_token_per_layer: int
     cache_bytes: int
+    alpha: float  # seconds of K/V recompute per block of hidden history per step (measured or configured)
+    recompute_fixed_seconds: float
 
 
 class Engine:
@@ -73,11 +76,14 @@ class Engine:
             )
         self.config = config
         self.cache = CacheManager(layout, info.num_blocks)
-        self.scheduler = Scheduler(config, self.cache, make_policy(config.policy), max_batched)
+        alpha = config.recompute_seconds_per_block
+        self.alpha = info.cost.alpha if alpha is None else alpha
+        self.scheduler = Scheduler(config, self.cache, make_policy(config.policy), max_batched, self.alpha)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._aborted: list[Request] = []
         self.num_steps = self.num_preemptions = self.num_conversions = 0
+        self.tokens_by_cache_type = {cache_type.value: 0 for cache_type in CacheType}
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(
@@ -86,15 +92,26 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         cache_type: CacheType | str | None = None,
+        ttft_slo_s: float | None = None,
+        tbt_slo_s: float | None = None,
     ) -> str:
-        """Queue a request; returns its id. Raises ValueError (nothing queued) on bad input."""
+        """Queue a request; returns its id. Raises ValueError (nothing queued) on bad input.
+
+        SLOs default to the config's; the `apt` policy schedules by them.
+        """
         params = params or SamplingParams()
         if request_id is not None and request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt, override = self.validate(prompt_token_ids, params, cache_type)
         seq_id = next(self._seq_ids)
         request_id = request_id if request_id is not None else f"req-{seq_id}"
-        request = Request(request_id, seq_id, prompt, params, self.clock(), cache_override=override)
+        for name, value in (("ttft_slo_s", ttft_slo_s), ("tbt_slo_s", tbt_slo_s)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        request = Request(
+            request_id, seq_id, prompt, params, self.clock(), cache_override=override,
+            ttft_slo_s=ttft_slo_s or self.config.ttft_slo_s, tbt_slo_s=tbt_slo_s or self.config.tbt_slo_s,
+        )
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request_id
@@ -178,6 +195,7 @@ class Engine:
         self.num_steps += 1
         now = self.clock()
         for request, token in zip(step.requests, tokens):
+            self.tokens_by_cache_type[request.cache_type.value] += 1
             if request.first_token_time is None:
                 request.first_token_time = now
             request.last_token_time = now
@@ -213,12 +231,15 @@ class Engine:
             num_steps=self.num_steps,
             num_preemptions=self.num_preemptions,
             num_conversions=self.num_conversions,
+            tokens_by_cache_type=dict(self.tokens_by_cache_type),
             block_size=layout.block_size,
             hidden_tokens_per_block=layout.tokens_per_block(CacheType.HIDDEN) if allowed else None,
             ratio=layout.ratio,
             kv_bytes_per_token_per_layer=layout.bytes_per_token_per_layer(CacheType.KV),
             hidden_bytes_per_token_per_layer=layout.bytes_per_token_per_layer(CacheType.HIDDEN),
             cache_bytes=self.info.cache_bytes,
+            alpha=self.alpha,
+            recompute_fixed_seconds=self.info.cost.fixed_seconds,
         )
 
 

@@ -30,6 +30,8 @@ class Request:
     params: SamplingParams
     arrival_time: float
     cache_override: CacheType | None = None
+    ttft_slo_s: float = float("inf")
+    tbt_slo_s: float = float("inf")
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     cache_type: CacheType | None = None  # the type of the blocks it holds while running
@@ -55,6 +57,12 @@ class Request:
     def pending_since(self) -> float:
         """When it last made progress: its last token, or its arrival (DESIGN §2's `t_i`)."""
         return self.last_token_time if self.last_token_time is not None else self.arrival_time
+
+    def violates_slo(self, now: float) -> bool:
+        """Already late: no first token within the TTFT SLO, or the current gap over the TBT SLO."""
+        if self.last_token_time is None:
+            return now - self.arrival_time > self.ttft_slo_s
+        return now - self.last_token_time > self.tbt_slo_s
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,15 @@ class Scheduler:
     """Owns the waiting queue and the running set; every change to a request's blocks goes through here."""
 
     def __init__(
-        self, config: SchedulerConfig, cache: CacheManager, policy: Policy, max_num_batched_tokens: int
+        self,
+        config: SchedulerConfig,
+        cache: CacheManager,
+        policy: Policy,
+        max_num_batched_tokens: int,
+        alpha: float,
     ) -> None:
         self.config = config
+        self.alpha = alpha
         self.cache = cache
         self.policy = policy
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -69,6 +75,7 @@ class Scheduler:
             cache=self.cache,
             config=self.config,
             max_num_batched_tokens=self.max_num_batched_tokens,
+            alpha=self.alpha,
             now=now,
         )
         decision = self.policy.schedule(view)

@@ -120,6 +120,22 @@ def test_hybrid_mode_converts_hidden_to_kv_mid_generation(tiny_models: dict[str,
         assert_matches_reference(finished[request_id].token_ids, ref, f"{name} conversion prompt {i}")
 
 
+@pytest.mark.parametrize("cache_mode", ["kv", "hybrid"])
+@pytest.mark.parametrize("name", MHA)
+def test_apt_policy_under_small_budget(tiny_models: dict[str, Path], make_llm, name: str, cache_mode: str) -> None:
+    # apt picks the batch and cache types by pending time; whatever it picks, tokens stay exact.
+    llm = make_llm(
+        tiny_models[name], block_size=4, num_blocks=20, cache_mode=cache_mode, policy="apt", recompute_chunk_tokens=16
+    )
+    run_and_compare(llm, name, [None] * NUM_PROMPTS)
+    stats = llm.stats()
+    assert stats.num_preemptions > 0, "the budget was meant to force preemption"
+    if cache_mode == "hybrid":
+        assert stats.tokens_by_cache_type["hidden"] > 0, "apt should use the hidden cache under memory pressure"
+    else:
+        assert stats.tokens_by_cache_type["hidden"] == 0
+
+
 @pytest.mark.parametrize("block_size", [1, 3, 32])
 def test_any_block_size(tiny_models: dict[str, Path], make_llm, block_size: int) -> None:
     llm = make_llm(tiny_models["opt"], block_size=block_size, num_blocks=4000 // block_size, cache_mode="kv")

@@ -13,6 +13,7 @@ from hybrid_cache.metadata import build_metadata
 from hybrid_cache.plan import BatchPlan
 from hybrid_cache.tensors import CacheTensors
 from worker.config import ModelConfig
+from worker.cost_model import profile_recompute
 from worker.loader import load_model
 from worker.models import ForwardContext
 from worker.sampler import Sampler
@@ -48,6 +49,9 @@ class ModelRunner:
         num_blocks = cache.num_blocks or self.layout.num_blocks_for_budget(cache.memory_bytes or 0, self.chunk_tokens)
         self.cache = CacheTensors(self.layout, num_blocks, self.chunk_tokens, self.dtype, self.device)
         self.sampler = Sampler(self.device, model.seed)
+        self.cost = profile_recompute(
+            self.model, self.cache.workspace, cache.block_size, cache.profile_token_counts, cache.profile_repeats
+        )
 
     def info(self) -> WorkerInfo:
         spec = self.model.spec
@@ -58,6 +62,7 @@ class ModelRunner:
             layout=self.layout,
             num_blocks=self.cache.num_blocks,
             cache_bytes=self.cache.nbytes,
+            cost=self.cost,
         )
 
     @property

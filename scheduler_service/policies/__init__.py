@@ -1,9 +1,10 @@
 """Scheduling policies as swappable classes behind one interface (`Policy`)."""
 
+from scheduler_service.policies.apt import AptPolicy
 from scheduler_service.policies.base import Policy, ScheduleDecision, SchedulerView, allowed_cache_types
 from scheduler_service.policies.fcfs import FCFSPolicy
 
-POLICIES: dict[str, type[Policy]] = {FCFSPolicy.name: FCFSPolicy}
+POLICIES: dict[str, type[Policy]] = {FCFSPolicy.name: FCFSPolicy, AptPolicy.name: AptPolicy}
 
 
 def make_policy(name: str) -> Policy:
@@ -13,5 +14,6 @@ def make_policy(name: str) -> Policy:
 
 
 __all__ = [
+    "AptPolicy",
     "FCFSPolicy",
     "allowed_cache_types", "POLICIES", "Policy", "ScheduleDecision", "SchedulerView", "make_policy"]

@@ -22,6 +22,7 @@ class SchedulerView:
     cache: CacheManager
     config: SchedulerConfig
     max_num_batched_tokens: int
+    alpha: float  # seconds of recompute per block of hidden history per step
     now: float
 
     @property

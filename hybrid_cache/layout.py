@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from hybrid_cache.plan import CacheType
 
@@ -32,22 +33,22 @@ class CacheLayout:
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
 
-    @property
+    @cached_property  # derived once: the scheduler asks for it per request per iteration
     def kv_width(self) -> int:
         """Values of K and V together, per token and layer."""
         return 2 * self.num_kv_heads * self.head_dim
 
-    @property
+    @cached_property
     def ratio(self) -> float:
         """`r`: hidden bytes per token over KV bytes per token."""
         return self.hidden_size / self.kv_width
 
-    @property
+    @cached_property
     def block_elems(self) -> int:
         """Elements of one block in one layer."""
         return self.block_size * self.kv_width
 
-    @property
+    @cached_property
     def hidden_unavailable_reason(self) -> str | None:
         if self.ratio >= 1:
             return (
@@ -62,7 +63,7 @@ class CacheLayout:
             )
         return None
 
-    @property
+    @cached_property
     def hidden_allowed(self) -> bool:
         return self.hidden_unavailable_reason is None
 
@@ -81,7 +82,7 @@ class CacheLayout:
         width = self.kv_width if cache_type is CacheType.KV else self.hidden_size
         return width * self.dtype_bytes
 
-    @property
+    @cached_property
     def block_bytes(self) -> int:
         """Bytes of one block across all layers."""
         return self.num_layers * self.block_elems * self.dtype_bytes

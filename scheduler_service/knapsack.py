@@ -78,6 +78,8 @@ def choose_cache_types(options: Sequence[CacheOption], capacity_blocks: int) -> 
     chosen = [SKIP] * len(options)
     left, fill_value = capacity_blocks, 0.0
     for step in steps:
+        if left == 0:
+            break  # nothing more fits (zero-block steps have infinite density and came first)
         if step.blocks > left:
             continue
         if step.kind == "upgrade":

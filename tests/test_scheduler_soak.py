@@ -69,7 +69,7 @@ def test_soak(policy: str, cache_mode: str) -> None:
             if out.finished:
                 ended[out.request_id] = out.finish_reason
 
-    for iteration in range(ITERATIONS):
+    for _ in range(ITERATIONS):
         clock.now += 0.01 + rng.random() * 0.04
         for _ in range(rng.choices([0, 1, 2], weights=[92, 6, 2])[0]):
             prompt = [rng.randrange(3, 100) for _ in range(rng.randint(1, 60))]

@@ -63,7 +63,11 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> Fas
         params = body.sampling_params(len(prompt), max_model_len)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         try:
-            return request_id, engine.generate(prompt, params, request_id, body.cache_type)
+            slos = {
+                "ttft_slo_s": body.ttft_slo_ms / 1000 if body.ttft_slo_ms else None,
+                "tbt_slo_s": body.tbt_slo_ms / 1000 if body.tbt_slo_ms else None,
+            }
+            return request_id, engine.generate(prompt, params, request_id, body.cache_type, **slos)
         except HiddenCacheUnavailable as err:
             raise OpenAIError(400, str(err), param="cache_type") from err
         except ValueError as err:

@@ -45,6 +45,8 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     cache_type: Literal["kv", "hidden"] | None = None
+    ttft_slo_ms: float | None = Field(None, gt=0, description="this request's time-to-first-token SLO")
+    tbt_slo_ms: float | None = Field(None, gt=0, description="this request's time-between-tokens SLO")
 
     @field_validator("n")
     @classmethod

@@ -36,6 +36,8 @@ class _Add:
     prompt: list[int]
     params: SamplingParams
     cache_type: CacheType | None
+    ttft_slo_s: float | None
+    tbt_slo_s: float | None
 
 
 class AsyncEngine:
@@ -79,7 +81,10 @@ class AsyncEngine:
             self.engine.abort(item)
             return
         try:
-            self.engine.add_request(item.prompt, item.params, request_id=item.request_id, cache_type=item.cache_type)
+            self.engine.add_request(
+                item.prompt, item.params, request_id=item.request_id, cache_type=item.cache_type,
+                ttft_slo_s=item.ttft_slo_s, tbt_slo_s=item.tbt_slo_s,
+            )
         except ValueError as err:  # validated by the caller already; only a race gets here
             self._send(item.request_id, err, last=True)
 
@@ -103,6 +108,8 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str,
         cache_type: CacheType | str | None = None,
+        ttft_slo_s: float | None = None,
+        tbt_slo_s: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request now and return its stream of outputs (call from a running event loop).
 
@@ -110,7 +117,7 @@ class AsyncEngine:
         after every step that gave the request a token; the last one is finished. If the caller
         stops iterating (a client went away), the request is aborted and its blocks are freed.
         """
-        prompt, override = self.engine.validate(prompt_token_ids, params, cache_type)
+        prompt, override = self.engine.validate(prompt_token_ids, params, cache_type, ttft_slo_s, tbt_slo_s)
         queue: asyncio.Queue = asyncio.Queue()
         with self._cond:
             if self._error is not None or self._stopped:
@@ -118,7 +125,7 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = _Stream(asyncio.get_running_loop(), queue)
-            self._inbox.append(_Add(request_id, prompt, params, override))
+            self._inbox.append(_Add(request_id, prompt, params, override, ttft_slo_s, tbt_slo_s))
             self._cond.notify()
         return self._outputs(request_id, queue)
 

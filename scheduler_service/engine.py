@@ -102,12 +102,9 @@ class Engine:
         params = params or SamplingParams()
         if request_id is not None and request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt, override = self.validate(prompt_token_ids, params, cache_type)
+        prompt, override = self.validate(prompt_token_ids, params, cache_type, ttft_slo_s, tbt_slo_s)
         seq_id = next(self._seq_ids)
         request_id = request_id if request_id is not None else f"req-{seq_id}"
-        for name, value in (("ttft_slo_s", ttft_slo_s), ("tbt_slo_s", tbt_slo_s)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
         request = Request(
             request_id, seq_id, prompt, params, self.clock(), cache_override=override,
             ttft_slo_s=ttft_slo_s or self.config.ttft_slo_s, tbt_slo_s=tbt_slo_s or self.config.tbt_slo_s,
@@ -117,9 +114,17 @@ class Engine:
         return request_id
 
     def validate(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, cache_type: CacheType | str | None
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        cache_type: CacheType | str | None,
+        ttft_slo_s: float | None = None,
+        tbt_slo_s: float | None = None,
     ) -> tuple[list[int], CacheType | None]:
         """Check a request without queueing it (reads only fixed engine facts: safe from any thread)."""
+        for name, value in (("ttft_slo_s", ttft_slo_s), ("tbt_slo_s", tbt_slo_s)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
         prompt = self._check_prompt(prompt_token_ids)
         try:
             override = CacheType(cache_type) if cache_type is not None else None

@@ -68,7 +68,7 @@ def sse(response: httpx.Response) -> list[dict | str]:
 
 
 COMPLETION = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0,
-              "ignore_eos": True}
+              "ignore_eos": True, "ttft_slo_ms": 2000, "tbt_slo_ms": 500}
 
 
 def test_completion_stream_equals_non_stream(server) -> None:
@@ -123,6 +123,7 @@ def test_models_and_health(server) -> None:
         ({"model": MODEL, "prompt": [10**9]}, 400, "vocabulary"),
         ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
         ({"model": MODEL, "prompt": "hi", "cache_type": "disk"}, 400, "cache_type"),
+        ({"model": MODEL, "prompt": "hi", "ttft_slo_ms": -5}, 400, "ttft_slo_ms"),
         ({"model": MODEL}, 400, "prompt"),
     ],
 )

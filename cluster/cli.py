@@ -112,11 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("make-dummy", help="write a random-weight checkpoint (see `aptserve make-dummy --help`)",
                    add_help=False)
     sub.add_parser("convert-model", help="convert the packaged SmolLM2 GGUF to safetensors", add_help=False)
+    sub.add_parser("replay", help="replay a seeded trace in-process and measure SLO attainment", add_help=False)
     return parser
 
 
+def cmd_replay(argv: list[str]) -> int:
+    # The command line is the outermost shell: it may start a benchmark, nothing below it may.
+    from bench.replay import main as replay_main
+
+    return replay_main(argv) or 0
+
+
 # Subcommands whose arguments belong to another module's own parser.
-PASSTHROUGH = {"make-dummy": cmd_make_dummy, "convert-model": cmd_convert_model}
+PASSTHROUGH = {"make-dummy": cmd_make_dummy, "convert-model": cmd_convert_model, "replay": cmd_replay}
 
 
 def main(argv: list[str] | None = None) -> int:

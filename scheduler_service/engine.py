@@ -94,10 +94,12 @@ class Engine:
         cache_type: CacheType | str | None = None,
         ttft_slo_s: float | None = None,
         tbt_slo_s: float | None = None,
+        arrival_time: float | None = None,
     ) -> str:
         """Queue a request; returns its id. Raises ValueError (nothing queued) on bad input.
 
-        SLOs default to the config's; the `apt` policy schedules by them.
+        SLOs default to the config's; the `apt` policy schedules by them. `arrival_time` (engine clock)
+        defaults to now; a trace replay passes the scheduled arrival so that waiting is counted from it.
         """
         params = params or SamplingParams()
         if request_id is not None and request_id in self.requests:
@@ -106,7 +108,8 @@ class Engine:
         seq_id = next(self._seq_ids)
         request_id = request_id if request_id is not None else f"req-{seq_id}"
         request = Request(
-            request_id, seq_id, prompt, params, self.clock(), cache_override=override,
+            request_id, seq_id, prompt, params, self.clock() if arrival_time is None else arrival_time,
+            cache_override=override,
             ttft_slo_s=ttft_slo_s or self.config.ttft_slo_s, tbt_slo_s=tbt_slo_s or self.config.tbt_slo_s,
         )
         self.requests[request_id] = request

@@ -14,6 +14,8 @@ FORBIDDEN = {
     "worker": {"scheduler_service", "cluster", "bench"},
     "cluster": {"bench"},
 }
+# The command line is the outermost shell: `aptserve replay` starts a benchmark.
+ALLOWED = {"cluster/cli.py": {"bench"}}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -30,9 +32,10 @@ def imported_roots(path: Path) -> set[str]:
 def test_imports_point_one_way(package: str) -> None:
     files = sorted((REPO / package).rglob("*.py"))
     assert files, f"package {package} has no modules"
-    wrong = {
-        str(f.relative_to(REPO)): sorted(imported_roots(f) & FORBIDDEN[package])
-        for f in files
-        if imported_roots(f) & FORBIDDEN[package]
-    }
+    wrong = {}
+    for f in files:
+        name = str(f.relative_to(REPO))
+        bad = imported_roots(f) & FORBIDDEN[package] - ALLOWED.get(name, set())
+        if bad:
+            wrong[name] = sorted(bad)
     assert not wrong, f"imports against the layering: {wrong}"

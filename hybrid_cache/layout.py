@@ -54,7 +54,7 @@ class CacheLayout:
             return (
                 f"the hidden cache saves no memory for this model: r = hidden {self.hidden_size} / "
                 f"(2 x {self.num_kv_heads} kv heads x {self.head_dim}) = {self.ratio:.2f} >= 1 "
-                "(grouped-query attention)"
+                "(as with grouped-query attention)"
             )
         if self.block_elems % self.hidden_size:
             return (

@@ -9,9 +9,10 @@ from hybrid_cache.plan import CacheType, SamplingParams
 
 
 class RequestStatus(str, enum.Enum):
-    WAITING = "waiting"  # new, or preempted (its cache freed; it will be prefilled again)
+    WAITING = "waiting"  # new, not yet admitted
     RUNNING = "running"  # holds blocks in the cache
-    FINISHED = "finished"
+    PREEMPTED = "preempted"  # waiting again: its cache was freed; it will be prefilled again
+    FINISHED = "finished"  # see `finish_reason`: stop, length or abort
 
 
 class FinishReason(str, enum.Enum):

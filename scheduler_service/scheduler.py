@@ -62,7 +62,7 @@ class Scheduler:
         # Preemption by recompute: drop the cache, prefill prompt + outputs again later.
         self.running.remove(request)
         self.cache.free(request.seq_id)
-        request.status = RequestStatus.WAITING
+        request.status = RequestStatus.PREEMPTED
         request.cache_type = None
         request.num_computed_tokens = 0
         request.num_preemptions += 1

@@ -79,6 +79,10 @@ def test_soak(policy: str, cache_mode: str) -> None:
             engine.abort(rng.choice(list(engine.requests)))
         absorb(engine.step())
         engine.cache.check_invariants()
+        # The lifecycle: queued requests are new or preempted, running ones hold blocks, none is lost.
+        assert {r.status.value for r in engine.scheduler.waiting} <= {"waiting", "preempted"}
+        assert all(r.status.value == "running" and engine.cache.table(r.seq_id) for r in engine.scheduler.running)
+        assert len(engine.scheduler.waiting) + len(engine.scheduler.running) == len(engine.requests)
         usage = engine.cache.usage()
         assert usage.kv_blocks + usage.hidden_blocks <= usage.num_blocks
         # Nobody waits for ever while memory is free: waiting requests are admitted eventually.

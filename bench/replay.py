@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     summary |= {"policy": args.policy, "cache": args.cache, "rate": args.rate, "cv": args.cv, "seed": args.seed,
                 "wall_seconds": wall, "num_blocks": stats.cache.num_blocks, "preemptions": stats.num_preemptions,
                 "conversions": stats.num_conversions, "tokens_by_cache_type": stats.tokens_by_cache_type,
-                "alpha": stats.alpha}
+                "alpha": stats.alpha, "step_seconds": stats.step_seconds}
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "records": [asdict(r) for r in records]}, indent=2))

@@ -20,3 +20,6 @@ class LocalExecutor:
 
     def execute(self, plan: BatchPlan) -> list[int]:
         return self.runner.execute(plan).token_ids
+
+    def timings(self) -> dict[str, float]:
+        return self.runner.timings()

@@ -69,10 +69,11 @@ def _recompute(
     """K/V `[n, 2, nkv, d]` of hidden rows, computed into the workspace (valid until the next call)."""
     assert layer.hidden is not None
     n = rows.numel()
-    x = workspace.x[:n]
-    torch.index_select(layer.hidden, 0, rows, out=x)
-    kv = workspace.kv[:n]
-    project_kv(x, positions, kv)
+    with workspace.timer.measure("recompute"):
+        x = workspace.x[:n]
+        torch.index_select(layer.hidden, 0, rows, out=x)
+        kv = workspace.kv[:n]
+        project_kv(x, positions, kv)
     return kv.view(n, 2, -1, layer.keys.shape[-1])
 
 

@@ -8,6 +8,7 @@ import torch
 
 from hybrid_cache.layout import CacheLayout
 from hybrid_cache.plan import CacheType
+from hybrid_cache.timing import StepTimer
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RecomputeWorkspace:
         if chunk_tokens <= 0:
             raise ValueError(f"recompute_chunk_tokens must be positive, got {chunk_tokens}")
         self.chunk_tokens = chunk_tokens
+        self.timer = StepTimer()  # recompute time, for the step-time split in statistics
         self.x = torch.empty(chunk_tokens, layout.hidden_size, dtype=dtype, device=device)
         self.kv = torch.empty(chunk_tokens, layout.kv_width, dtype=dtype, device=device)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from hybrid_cache.layout import HiddenCacheUnavailable
 from hybrid_cache.manager import CacheManager, CacheUsage
 from hybrid_cache.plan import CacheType, SamplingParams
+from hybrid_cache.timing import StepTimer
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.executor import Detokenizer, Executor
 from scheduler_service.output import append_token
@@ -34,6 +35,7 @@ class EngineStats:
     num_preemptions: int
     num_conversions: int
     tokens_by_cache_type: dict[str, int]  # generated tokens, by the cache type their request held
+    step_seconds: dict[str, float]  # cumulative: scheduling, and the executor's model / attention / recompute
     block_size: int
     hidden_tokens_per_block: int | None
     ratio: float  # r: hidden bytes per token over KV bytes per token
@@ -84,6 +86,7 @@ class Engine:
         self._aborted: list[Request] = []
         self.num_steps = self.num_preemptions = self.num_conversions = 0
         self.tokens_by_cache_type = {cache_type.value: 0 for cache_type in CacheType}
+        self.timer = StepTimer()
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(
@@ -189,7 +192,8 @@ class Engine:
         """Run one iteration; return an output for every request that got a token or ended."""
         outputs = [self._output(r, []) for r in self._aborted]
         self._aborted = []
-        step = self.scheduler.schedule(self.clock())
+        with self.timer.measure("scheduling"):
+            step = self.scheduler.schedule(self.clock())
         self.num_preemptions += step.num_preempted
         self.num_conversions += step.num_converted
         if not step.requests:
@@ -240,6 +244,7 @@ class Engine:
             num_preemptions=self.num_preemptions,
             num_conversions=self.num_conversions,
             tokens_by_cache_type=dict(self.tokens_by_cache_type),
+            step_seconds=dict(self.timer.totals) | self.executor.timings(),
             block_size=layout.block_size,
             hidden_tokens_per_block=layout.tokens_per_block(CacheType.HIDDEN) if allowed else None,
             ratio=layout.ratio,

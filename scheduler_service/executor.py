@@ -17,6 +17,10 @@ class Executor(Protocol):
         """Run one step; return one sampled token per sequence, in plan order."""
         ...
 
+    def timings(self) -> dict[str, float]:
+        """Cumulative seconds spent in parts of the steps (e.g. model, attention, recompute)."""
+        ...
+
 
 class Detokenizer(Protocol):
     def decode(self, token_ids: list[int]) -> str: ...

@@ -130,6 +130,9 @@ def test_apt_policy_under_small_budget(tiny_models: dict[str, Path], make_llm, n
     run_and_compare(llm, name, [None] * NUM_PROMPTS)
     stats = llm.stats()
     assert stats.num_preemptions > 0, "the budget was meant to force preemption"
+    split = stats.step_seconds
+    assert split["model"] >= split["attention"] > 0 and split["scheduling"] > 0
+    assert (split.get("recompute", 0.0) > 0) == (cache_mode == "hybrid")
     if cache_mode == "hybrid":
         assert stats.tokens_by_cache_type["hidden"] > 0, "apt should use the hidden cache under memory pressure"
     else:

@@ -38,5 +38,6 @@ def test_replay_records_every_request(tiny_opt: Path, tmp_path: Path, policy: st
     for record in finished:
         assert record["output_len"] == 16 and len(record["token_times"]) == 16
         assert record["first_token_time"] >= record["arrival"]
+    assert summary["step_seconds"]["model"] > 0 and summary["step_seconds"]["scheduling"] > 0
     if cache == "hybrid":
         assert summary["tokens_by_cache_type"]["kv"] + summary["tokens_by_cache_type"]["hidden"] > 0

@@ -39,6 +39,9 @@ class FakeExecutor:
             assert all(0 <= b < self.num_blocks for b in seq.block_table)
         return [EOS if self.rng.random() < 0.02 else self.rng.randrange(3, 100) for _ in plan.seqs]
 
+    def timings(self) -> dict[str, float]:
+        return {}
+
 
 class Clock:
     def __init__(self) -> None:

@@ -65,6 +65,10 @@ class ModelRunner:
             cost=self.cost,
         )
 
+    def timings(self) -> dict[str, float]:
+        """Cumulative seconds: `model` (whole steps), `attention` (within it), `recompute` (within that)."""
+        return dict(self.cache.workspace.timer.totals)
+
     @property
     def threads(self) -> int:
         return torch.get_num_threads()
@@ -74,11 +78,12 @@ class ModelRunner:
         self.sampler.forget(plan.finished_seq_ids)
         if not plan.seqs:
             return StepResult([])
-        meta = build_metadata(plan, self.layout, self.chunk_tokens, self.dtype).to(self.device)
-        ctx = ForwardContext(meta, self.cache)
-        self.model.convert_to_kv(ctx)
-        input_ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, ctx)
-        logits = self.model.compute_logits(hidden[meta.logits_index])
-        tokens = self.sampler.sample(logits, [s.seq_id for s in plan.seqs], [s.sampling for s in plan.seqs])
+        with self.cache.workspace.timer.measure("model"):
+            meta = build_metadata(plan, self.layout, self.chunk_tokens, self.dtype).to(self.device)
+            ctx = ForwardContext(meta, self.cache)
+            self.model.convert_to_kv(ctx)
+            ids = [t for s in plan.seqs for t in s.token_ids]
+            hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)
+            logits = self.model.compute_logits(hidden[meta.logits_index])
+            tokens = self.sampler.sample(logits, [s.seq_id for s in plan.seqs], [s.sampling for s in plan.seqs])
         return StepResult(tokens, logits.float() if return_logits else None)

@@ -103,8 +103,9 @@ class CachedAttention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(q, ctx.meta.positions), self.rotary(k, ctx.meta.positions)
         layer = ctx.cache.layers[self.layer_index]
-        store(layer, ctx.meta, k, v, x)
-        out = hybrid_attention(layer, ctx.cache.workspace, ctx.meta, q, k, v, self.project_kv, self.scale)
+        with ctx.cache.workspace.timer.measure("attention"):  # includes recompute
+            store(layer, ctx.meta, k, v, x)
+            out = hybrid_attention(layer, ctx.cache.workspace, ctx.meta, q, k, v, self.project_kv, self.scale)
         return self.o_proj(out.reshape(n, self.q_size))
 
 

@@ -1,0 +1,26 @@
+"""Cumulative wall time of the parts of a step (model, attention, recompute, scheduling)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class StepTimer:
+    """Adds the wall time of each measured block to a named total.
+
+    Host wall time: exact on the CPU; on a GPU it counts launch time unless the caller synchronises.
+    """
+
+    def __init__(self) -> None:
+        self.totals: defaultdict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def measure(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] += time.perf_counter() - start

@@ -43,6 +43,14 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
+def with_overrides(config: AptServeConfig, overrides: dict[str, Any]) -> AptServeConfig:
+    """A copy of `config` with dotted keys set to the given (typed) values, validated again."""
+    tree = config.model_dump()
+    for dotted, value in overrides.items():
+        _set_dotted(tree, dotted, value)
+    return AptServeConfig.model_validate(tree)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AptServeConfig:
     """Read a YAML config (the default one when `path` is None) and apply dotted overrides.
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cluster.config import AptServeConfig, load_config
+from cluster.config import AptServeConfig, load_config, with_overrides
 from cluster.engine_builder import build_engine
 from hybrid_cache.plan import SamplingParams
 from scheduler_service.engine import EngineStats
@@ -40,6 +40,7 @@ class LLM:
         config: AptServeConfig | None = None,
     ) -> None:
         overrides = {
+            "cache.num_blocks": num_blocks,
             "model.path": model,
             "model.dtype": dtype,
             "model.device": device,
@@ -54,16 +55,7 @@ class LLM:
             "scheduler.max_num_batched_tokens": max_num_batched_tokens,
         }
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        if num_blocks is not None:
-            overrides["cache.num_blocks"] = num_blocks
-        if config is not None:
-            tree = config.model_dump()
-            for dotted, value in overrides.items():
-                section, key = dotted.split(".")
-                tree[section][key] = value
-            self.config = AptServeConfig.model_validate(tree)
-        else:
-            self.config = load_config(overrides=overrides)
+        self.config = with_overrides(config or load_config(), overrides)
         self.engine, self.tokenizer = build_engine(self.config)
 
     def _token_ids(self, prompt: str | Sequence[int]) -> list[int]:

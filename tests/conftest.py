@@ -67,6 +67,17 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return dirs
 
 
+@pytest.fixture(scope="session")
+def tiny_opt_with_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random OPT written by `make-dummy`'s code, with SmolLM2's tokenizer: for text-level tests."""
+    from worker import dummy
+
+    path = tmp_path_factory.mktemp("tiny-opt-tokenizer")
+    dummy.write_dummy_checkpoint("opt", "125m", path, SMOLLM2_DIR, seed=0, dtype="float32", init_std=0.3,
+                                 shape=dummy.Shape(hidden=64, layers=2, heads=4, kv_heads=4, ffn=128))
+    return path
+
+
 @dataclass
 class Reference:
     tokens: list[int]

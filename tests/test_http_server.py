@@ -7,27 +7,25 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
-from conftest import SMOLLM2_DIR
 
 from cluster.config import load_config
 from cluster.engine_builder import build_async_engine
 from cluster.http_server import build_app
-from worker import dummy
 
 MODEL = "tiny-opt"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
-    path = tmp_path_factory.mktemp("tiny-opt")
-    dummy.write_dummy_checkpoint("opt", "125m", path, SMOLLM2_DIR, seed=0, dtype="float32", init_std=0.3,
-                                 shape=dummy.Shape(hidden=64, layers=2, heads=4, kv_heads=4, ffn=128))
-    config = load_config(overrides={"model.path": str(path), "cache.block_size": 4, "cache.num_blocks": 512,
-                                    "scheduler.cache_mode": "hybrid", "server.served_model_name": MODEL})
+def server(tiny_opt_with_tokenizer: Path) -> Iterator[tuple[str, object]]:
+    config = load_config(overrides={
+        "model.path": str(tiny_opt_with_tokenizer), "cache.block_size": 4, "cache.num_blocks": 512,
+        "scheduler.cache_mode": "hybrid", "server.served_model_name": MODEL,
+    })
     engine, tokenizer, name = build_async_engine(config)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

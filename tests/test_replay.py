@@ -6,25 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SMOLLM2_DIR
 
 from bench.replay import main as replay_main
-from worker import dummy
-
-
-@pytest.fixture(scope="module")
-def tiny_opt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-opt-replay")
-    dummy.write_dummy_checkpoint("opt", "125m", path, SMOLLM2_DIR, seed=0, dtype="float32",
-                                 shape=dummy.Shape(hidden=64, layers=2, heads=4, kv_heads=4, ffn=128))
-    return path
 
 
 @pytest.mark.parametrize(("policy", "cache"), [("fcfs", "kv"), ("apt", "hybrid")])
-def test_replay_records_every_request(tiny_opt: Path, tmp_path: Path, policy: str, cache: str) -> None:
+def test_replay_records_every_request(tiny_opt_with_tokenizer: Path, tmp_path: Path, policy: str, cache: str) -> None:
     out = tmp_path / "replay.json"
     code = replay_main([
-        "--model", str(tiny_opt), "--dataset", "synthetic:24:16", "--rate", "20", "--cv", "2",
+        "--model", str(tiny_opt_with_tokenizer), "--dataset", "synthetic:24:16", "--rate", "20", "--cv", "2",
         "--duration", "2", "--policy", policy, "--cache", cache, "--num-blocks", "24",
         "--block-size", "4", "--ttft-slo", "1.0", "--tbt-slo", "0.2", "--json", str(out),
     ])

@@ -25,10 +25,11 @@ class AptPolicy(Policy):
 
     def schedule(self, view: SchedulerView) -> ScheduleDecision:
         now = view.now
-        everyone = [*view.waiting, *view.running]
-        on_time = sum(not r.violates_slo(now) for r in everyone)
-        waiting_choice = self._choose(view, view.waiting, on_time, view.cache.num_free, running=False)
-        running_choice = self._choose(view, view.running, on_time, view.cache.num_blocks, running=True)
+        # Who is already late, decided once per iteration: it sets U and each request's value.
+        late = {r.seq_id for r in (*view.waiting, *view.running) if r.violates_slo(now)}
+        on_time = len(view.waiting) + len(view.running) - len(late)
+        waiting_choice = self._choose(view, view.waiting, late, on_time, view.cache.num_free, running=False)
+        running_choice = self._choose(view, view.running, late, on_time, view.cache.num_blocks, running=True)
 
         admitted = [(r, k) for r, k in zip(view.waiting, waiting_choice) if k != SKIP]
         waited = sum(now - r.pending_since() for r in view.waiting)
@@ -38,7 +39,13 @@ class AptPolicy(Policy):
         return self._decode(view, running_choice)
 
     def _choose(
-        self, view: SchedulerView, requests: Sequence[Request], on_time: int, capacity: int, running: bool
+        self,
+        view: SchedulerView,
+        requests: Sequence[Request],
+        late: set[int],
+        on_time: int,
+        capacity: int,
+        running: bool,
     ) -> list[str]:
         cache, config = view.cache, view.config
         options = []
@@ -50,7 +57,7 @@ class AptPolicy(Policy):
             blocks_hidden = None
             if CacheType.HIDDEN in allowed:
                 blocks_hidden = cache.blocks_needed(request.num_tokens, CacheType.HIDDEN)
-            if request.violates_slo(view.now):
+            if request.seq_id in late:
                 value_kv = config.violator_density * blocks_kv
                 value_hidden = None if blocks_hidden is None else config.violator_density * blocks_hidden / 2
             else:

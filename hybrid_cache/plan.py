@@ -96,7 +96,3 @@ class BatchPlan:
     seqs: list[SequencePlan]
     finished_seq_ids: list[int] = field(default_factory=list)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new for s in self.seqs)
-

@@ -69,10 +69,6 @@ class ModelRunner:
         """Cumulative seconds: `model` (whole steps), `attention` (within it), `recompute` (within that)."""
         return dict(self.cache.workspace.timer.totals)
 
-    @property
-    def threads(self) -> int:
-        return torch.get_num_threads()
-
     @torch.inference_mode()
     def execute(self, plan: BatchPlan, return_logits: bool = False) -> StepResult:
         self.sampler.forget(plan.finished_seq_ids)

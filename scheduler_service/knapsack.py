@@ -14,6 +14,9 @@ The greedy below is a 2-approximation:
 
 Taking steps by density plus a fraction of the first misfit is the LP optimum (>= OPT); that fraction
 is worth at most one request's choice, which fits alone, so max(fill, best single) >= OPT / 2.
+
+`choose_codes` works on arrays (the scheduler calls it every iteration over up to thousands of
+requests); `choose_cache_types` is the same choice over `CacheOption`s.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 SKIP, KV, HIDDEN = "skip", "kv", "hidden"
+CODE_SKIP, CODE_KV, CODE_HIDDEN, _CODE_UPGRADE = 0, 1, 2, 3
+NAMES = (SKIP, KV, HIDDEN)
 
 
 @dataclass(frozen=True)
@@ -34,70 +41,85 @@ class CacheOption:
     blocks_hidden: int | None = None
 
 
-@dataclass(frozen=True)
-class _Step:
-    request: int
-    kind: str  # KV, HIDDEN or "upgrade"
-    blocks: int
-    gain: float
-
-    @property
-    def density(self) -> float:
-        return self.gain / self.blocks if self.blocks else float("inf")
-
-
-def _clean(option: CacheOption, capacity: int) -> dict[str, tuple[float, int]]:
-    """The choices worth considering: kind → (value, blocks)."""
-    choices: dict[str, tuple[float, int]] = {}
-    if option.value_kv > 0 and option.blocks_kv <= capacity:
-        choices[KV] = (option.value_kv, option.blocks_kv)
-    if option.value_hidden is not None and option.blocks_hidden is not None:
-        if option.value_hidden > 0 and option.blocks_hidden <= capacity and option.blocks_hidden < option.blocks_kv:
-            choices[HIDDEN] = (option.value_hidden, option.blocks_hidden)
-    if KV in choices and HIDDEN in choices and choices[KV][0] <= choices[HIDDEN][0]:
-        del choices[KV]  # hidden gives at least as much for fewer blocks
-    return choices
-
-
-def _steps(index: int, choices: dict[str, tuple[float, int]]) -> list[_Step]:
-    if KV in choices and HIDDEN in choices:
-        (v_kv, m_kv), (v_h, m_h) = choices[KV], choices[HIDDEN]
-        if v_h * m_kv >= v_kv * m_h:  # on or above the chord, without dividing
-            return [_Step(index, HIDDEN, m_h, v_h), _Step(index, "upgrade", m_kv - m_h, v_kv - v_h)]
-        return [_Step(index, KV, m_kv, v_kv)]
-    return [_Step(index, kind, blocks, value) for kind, (value, blocks) in choices.items()]
-
-
 def choose_cache_types(options: Sequence[CacheOption], capacity_blocks: int) -> list[str]:
     """For each option, "skip", "kv" or "hidden": within `capacity_blocks`, worth at least half the optimum."""
-    cleaned = [_clean(option, capacity_blocks) for option in options]
-    steps = [step for index, choices in enumerate(cleaned) for step in _steps(index, choices)]
-    # Density first; at equal density the hidden step goes before its own upgrade.
-    steps.sort(key=lambda s: (-s.density, s.kind == "upgrade", s.request))
-
-    chosen = [SKIP] * len(options)
-    left, fill_value = capacity_blocks, 0.0
-    for step in steps:
-        if left == 0:
-            break  # nothing more fits (zero-block steps have infinite density and came first)
-        if step.blocks > left:
-            continue
-        if step.kind == "upgrade":
-            if chosen[step.request] != HIDDEN:
-                continue
-            chosen[step.request] = KV
-        else:
-            chosen[step.request] = step.kind
-        left -= step.blocks
-        fill_value += step.gain
-
-    best_single = max(
-        ((value, index, kind) for index, choices in enumerate(cleaned) for kind, (value, _) in choices.items()),
-        default=None,
+    no_hidden = [o.value_hidden is None or o.blocks_hidden is None for o in options]
+    codes = choose_codes(
+        np.array([o.value_kv for o in options], dtype=np.float64),
+        np.array([o.blocks_kv for o in options], dtype=np.int64),
+        np.array([np.nan if skip else o.value_hidden for o, skip in zip(options, no_hidden)], dtype=np.float64),
+        np.array([0 if skip else o.blocks_hidden for o, skip in zip(options, no_hidden)], dtype=np.int64),
+        capacity_blocks,
     )
-    if best_single is not None and best_single[0] > fill_value:
-        value, index, kind = best_single
-        return [kind if i == index else SKIP for i in range(len(options))]
+    return [NAMES[code] for code in codes.tolist()]
+
+
+def choose_codes(
+    value_kv: np.ndarray,
+    blocks_kv: np.ndarray,
+    value_hidden: np.ndarray,
+    blocks_hidden: np.ndarray,
+    capacity: int,
+) -> np.ndarray:
+    """Array form of `choose_cache_types`: one code per request (CODE_SKIP, CODE_KV or CODE_HIDDEN).
+
+    `value_hidden` is NaN where the hidden cache is not allowed (its `blocks_hidden` is then ignored).
+    """
+    n = len(value_kv)
+    chosen = np.zeros(n, dtype=np.int8)
+    if n == 0 or capacity <= 0:
+        return chosen
+    # 1. Clean.
+    hidden_ok = (value_hidden > 0) & (blocks_hidden <= capacity) & (blocks_hidden < blocks_kv)  # NaN > 0 is False
+    kv_ok = (value_kv > 0) & (blocks_kv <= capacity) & ~(hidden_ok & (value_kv <= value_hidden))
+    # 2. Steps: (request, kind, blocks, gain).
+    both = kv_ok & hidden_ok
+    concave = both & (value_hidden * blocks_kv >= value_kv * blocks_hidden)
+    kv_step = np.flatnonzero(kv_ok & ~concave)
+    hidden_step = np.flatnonzero(hidden_ok & ~(both & ~concave))
+    upgrade = np.flatnonzero(concave)
+    request = np.concatenate([kv_step, hidden_step, upgrade])
+    kind = np.concatenate([
+        np.full(len(kv_step), CODE_KV), np.full(len(hidden_step), CODE_HIDDEN), np.full(len(upgrade), _CODE_UPGRADE)
+    ])
+    blocks = np.concatenate(
+        [blocks_kv[kv_step], blocks_hidden[hidden_step], blocks_kv[upgrade] - blocks_hidden[upgrade]]
+    )
+    gain = np.concatenate([value_kv[kv_step], value_hidden[hidden_step], value_kv[upgrade] - value_hidden[upgrade]])
+    if len(request) == 0:
+        return chosen
+    # 3. Fill by density; at equal density a hidden step goes before its own upgrade.
+    density = np.divide(gain, blocks, out=np.full(len(gain), np.inf), where=blocks > 0)
+    order = np.lexsort((request, kind == _CODE_UPGRADE, -density))
+    blocks_sorted = blocks[order]
+    # Once what is left is below every later step's size, nothing more can be taken.
+    smallest_after = np.minimum.accumulate(blocks_sorted[::-1])[::-1].tolist()
+    left, fill_value = capacity, 0.0
+    for position, (i, k, m, g) in enumerate(
+        zip(request[order].tolist(), kind[order].tolist(), blocks_sorted.tolist(), gain[order].tolist())
+    ):
+        if left < smallest_after[position]:
+            break
+        if m > left:
+            continue
+        if k == _CODE_UPGRADE:
+            if chosen[i] != CODE_HIDDEN:
+                continue
+            chosen[i] = CODE_KV
+        else:
+            chosen[i] = k
+        left -= m
+        fill_value += g
+    # 4. The best single choice, if worth more.
+    best_kv = np.where(kv_ok, value_kv, -np.inf)
+    best_hidden = np.where(hidden_ok, value_hidden, -np.inf)
+    i_kv, i_hidden = int(np.argmax(best_kv)), int(np.argmax(best_hidden))
+    best_value, best_index, best_code = max(
+        (best_kv[i_kv], i_kv, CODE_KV), (best_hidden[i_hidden], i_hidden, CODE_HIDDEN)
+    )
+    if best_value > fill_value:
+        chosen[:] = CODE_SKIP
+        chosen[best_index] = best_code
     return chosen
 
 

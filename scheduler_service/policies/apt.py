@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 
 from hybrid_cache.plan import CacheType
-from scheduler_service.knapsack import SKIP, CacheOption, choose_cache_types
-from scheduler_service.policies.base import Policy, ScheduleDecision, SchedulerView
+from scheduler_service.knapsack import CODE_HIDDEN, CODE_KV, CODE_SKIP, NAMES, SKIP, choose_codes
+from scheduler_service.policies.base import Policy, ScheduleDecision, SchedulerView, allowed_cache_types
 from scheduler_service.request import Request
+
+_CODES = {None: CODE_SKIP, CacheType.KV: CODE_KV, CacheType.HIDDEN: CODE_HIDDEN}
 
 
 class AptPolicy(Policy):
@@ -24,51 +29,17 @@ class AptPolicy(Policy):
     name = "apt"
 
     def schedule(self, view: SchedulerView) -> ScheduleDecision:
-        now = view.now
+        waiting, running = _Candidates.of(view.waiting, view), _Candidates.of(view.running, view)
         # Who is already late, decided once per iteration: it sets U and each request's value.
-        late = {r.seq_id for r in (*view.waiting, *view.running) if r.violates_slo(now)}
-        on_time = len(view.waiting) + len(view.running) - len(late)
-        waiting_choice = self._choose(view, view.waiting, late, on_time, view.cache.num_free, running=False)
-        running_choice = self._choose(view, view.running, late, on_time, view.cache.num_blocks, running=True)
-
-        admitted = [(r, k) for r, k in zip(view.waiting, waiting_choice) if k != SKIP]
-        waited = sum(now - r.pending_since() for r in view.waiting)
-        ran = sum(now - r.pending_since() for r in view.running)
-        if admitted and (not view.running or waited > ran):
+        on_time = int((~waiting.late).sum() + (~running.late).sum())
+        waiting_choice = waiting.choose(view, on_time, view.cache.num_free)
+        admitted = [(r, CacheType(NAMES[k])) for r, k in zip(view.waiting, waiting_choice.tolist()) if k != CODE_SKIP]
+        if admitted and (not view.running or waiting.pending.sum() > running.pending.sum()):
             return self._prefill(view, admitted)
-        return self._decode(view, running_choice)
+        running_choice = running.choose(view, on_time, view.cache.num_blocks)
+        return self._decode(view, [NAMES[k] for k in running_choice.tolist()])
 
-    def _choose(
-        self,
-        view: SchedulerView,
-        requests: Sequence[Request],
-        late: set[int],
-        on_time: int,
-        capacity: int,
-        running: bool,
-    ) -> list[str]:
-        cache, config = view.cache, view.config
-        options = []
-        for request in requests:
-            allowed = view.allowed_types(request)
-            if running and request.cache_type is CacheType.KV:
-                allowed = [CacheType.KV]  # KV→hidden would need a re-prefill: x is not kept
-            blocks_kv = cache.blocks_needed(request.num_tokens, CacheType.KV)
-            blocks_hidden = None
-            if CacheType.HIDDEN in allowed:
-                blocks_hidden = cache.blocks_needed(request.num_tokens, CacheType.HIDDEN)
-            if request.seq_id in late:
-                value_kv = config.violator_density * blocks_kv
-                value_hidden = None if blocks_hidden is None else config.violator_density * blocks_hidden / 2
-            else:
-                value_kv = view.now - request.pending_since() + config.pending_floor_s
-                value_hidden = None if blocks_hidden is None else value_kv - on_time * view.alpha * blocks_kv
-            if CacheType.KV not in allowed:
-                value_kv = 0.0  # a forced-hidden request: the knapsack drops non-positive choices
-            options.append(CacheOption(value_kv, blocks_kv, value_hidden, blocks_hidden))
-        return choose_cache_types(options, capacity)
-
-    def _prefill(self, view: SchedulerView, admitted: list[tuple[Request, str]]) -> ScheduleDecision:
+    def _prefill(self, view: SchedulerView, admitted: list[tuple[Request, CacheType]]) -> ScheduleDecision:
         decision = ScheduleDecision()
         tokens = 0
         for request, kind in admitted:  # arrival order within the chosen set
@@ -77,7 +48,7 @@ class AptPolicy(Policy):
             if tokens + request.num_tokens > view.max_num_batched_tokens:
                 continue
             tokens += request.num_tokens
-            decision.prefill.append((request, CacheType(kind)))
+            decision.prefill.append((request, kind))
         return decision
 
     def _decode(self, view: SchedulerView, kinds: list[str]) -> ScheduleDecision:
@@ -108,3 +79,58 @@ class AptPolicy(Policy):
         decision.decode = decision.decode[: view.config.max_num_seqs]
         return decision
 
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """One queue's requests as arrays: what the knapsack needs, gathered in one pass."""
+
+    requests: Sequence[Request]
+    num_tokens: np.ndarray
+    pending: np.ndarray  # seconds since its last progress (DESIGN §2's `now - t_i`)
+    late: np.ndarray  # already past its TTFT or TBT SLO
+    may_kv: np.ndarray
+    may_hidden: np.ndarray
+
+    @classmethod
+    def of(cls, requests: Sequence[Request], view: SchedulerView) -> _Candidates:
+        rows = [
+            (
+                r.num_tokens,
+                r.pending_since(),
+                r.ttft_slo_s if r.last_token_time is None else r.tbt_slo_s,
+                _CODES[r.cache_override],
+                _CODES[r.cache_type],
+            )
+            for r in requests
+        ]
+        table = np.array(rows, dtype=np.float64).reshape(len(rows), 5)
+        pending = view.now - table[:, 1]
+        override, held = table[:, 3], table[:, 4]
+        by_mode = allowed_cache_types(None, view.cache_mode, view.cache.layout)
+        hidden_possible = view.cache.layout.hidden_allowed
+        may_kv = np.where(override == CODE_SKIP, CacheType.KV in by_mode, override == CODE_KV)
+        # KV→hidden would need a re-prefill (x is not kept): a request holding KV stays KV.
+        may_hidden = np.where(override == CODE_SKIP, CacheType.HIDDEN in by_mode, override == CODE_HIDDEN)
+        may_hidden &= held != CODE_KV
+        return cls(
+            requests, table[:, 0].astype(np.int64), pending, pending > table[:, 2], may_kv,
+            may_hidden & hidden_possible,
+        )
+
+    def choose(self, view: SchedulerView, on_time: int, capacity: int) -> np.ndarray:
+        """Knapsack codes for these requests within `capacity` blocks."""
+        layout, config = view.cache.layout, view.config
+        blocks_kv = -(-self.num_tokens // layout.block_size)
+        if self.may_hidden.any():
+            blocks_hidden = -(-self.num_tokens // layout.tokens_per_block(CacheType.HIDDEN))
+        else:
+            blocks_hidden = np.zeros_like(blocks_kv)
+        on_time_kv = self.pending + config.pending_floor_s
+        value_kv = np.where(self.late, config.violator_density * blocks_kv, on_time_kv)
+        value_hidden = np.where(
+            self.late, config.violator_density * blocks_hidden / 2, on_time_kv - on_time * view.alpha * blocks_kv
+        )
+        value_kv = np.where(self.may_kv, value_kv, 0.0)  # a forced-hidden request: non-positive choices drop
+        value_hidden = np.where(self.may_hidden, value_hidden, np.nan)
+        return choose_codes(value_kv, blocks_kv, value_hidden, blocks_hidden, capacity)

@@ -41,7 +41,7 @@ def build(policy: str, cache_mode: str, waiting: int, running: int, seed: int) -
             cache.allocate(request.seq_id, request.num_tokens - 1, cache_type)
             request.status, request.cache_type = RequestStatus.RUNNING, cache_type
             request.num_computed_tokens = request.num_tokens - 1
-            request.last_token_time = 10 + rng.random()
+            request.token_times = [10 + rng.random()]
             scheduler.running.append(request)
         else:
             scheduler.waiting.append(request)

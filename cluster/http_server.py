@@ -19,6 +19,7 @@ from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, Op
 from cluster.tokenizer import Tokenizer
 from hybrid_cache.layout import HiddenCacheUnavailable
 from scheduler_service.async_engine import AsyncEngine
+from scheduler_service.engine import QueueFull
 from scheduler_service.request import RequestOutput
 
 
@@ -38,7 +39,7 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> Fas
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -68,6 +69,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> Fas
                 "tbt_slo_s": body.tbt_slo_ms / 1000 if body.tbt_slo_ms else None,
             }
             return request_id, engine.generate(prompt, params, request_id, body.cache_type, **slos)
+        except QueueFull as err:
+            raise OpenAIError(503, str(err), kind="overloaded_error", headers={"Retry-After": "1"}) from err
         except HiddenCacheUnavailable as err:
             raise OpenAIError(400, str(err), param="cache_type") from err
         except ValueError as err:

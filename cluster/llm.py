@@ -55,6 +55,9 @@ class LLM:
             "scheduler.max_num_batched_tokens": max_num_batched_tokens,
         }
         overrides = {k: v for k, v in overrides.items() if v is not None}
+        if config is None:
+            # Offline batches queue every prompt at once: the server's waiting bound does not apply.
+            overrides["scheduler.max_waiting"] = None
         self.config = with_overrides(config or load_config(), overrides)
         self.engine, self.tokenizer = build_engine(self.config)
 

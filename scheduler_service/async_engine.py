@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from hybrid_cache.plan import CacheType, SamplingParams
-from scheduler_service.engine import Engine, EngineStats
+from scheduler_service.engine import Engine, EngineStats, QueueFull
 from scheduler_service.request import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class AsyncEngine:
                 item.prompt, item.params, request_id=item.request_id, cache_type=item.cache_type,
                 ttft_slo_s=item.ttft_slo_s, tbt_slo_s=item.tbt_slo_s,
             )
-        except ValueError as err:  # validated by the caller already; only a race gets here
+        except (ValueError, QueueFull) as err:  # checked by `generate` already; only a race gets here
             self._send(item.request_id, err, last=True)
 
     def _send(self, request_id: str, item: object, last: bool) -> None:
@@ -113,15 +113,21 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request now and return its stream of outputs (call from a running event loop).
 
-        Bad input raises ValueError here, before anything is queued. The stream yields an output
-        after every step that gave the request a token; the last one is finished. If the caller
+        Bad input raises ValueError here, and a full waiting queue QueueFull, before anything is
+        queued. The stream yields an output after every step that gave the request a token; the last
+        one is finished. If the caller
         stops iterating (a client went away), the request is aborted and its blocks are freed.
         """
-        prompt, override = self.engine.validate(prompt_token_ids, params, cache_type, ttft_slo_s, tbt_slo_s)
+        try:
+            prompt, override = self.engine.validate(prompt_token_ids, params, cache_type, ttft_slo_s, tbt_slo_s)
+        except ValueError:
+            self.engine.num_rejected["invalid"] += 1
+            raise
         queue: asyncio.Queue = asyncio.Queue()
         with self._cond:
             if self._error is not None or self._stopped:
                 raise EngineDeadError("the engine loop is not running")
+            self.engine.check_capacity(queued_elsewhere=sum(isinstance(item, _Add) for item in self._inbox))
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = _Stream(asyncio.get_running_loop(), queue)

@@ -22,6 +22,9 @@ class SchedulerConfig(BaseModel):
     max_num_batched_tokens: int | None = Field(
         None, gt=0, description="most tokens in one step; None means the model's context length"
     )
+    max_waiting: int | None = Field(
+        4096, gt=0, description="most requests waiting; more are rejected (HTTP 503). None: unbounded"
+    )
     ttft_slo_s: float = Field(5.0, gt=0, description="default time-to-first-token SLO (per-request override)")
     tbt_slo_s: float = Field(1.0, gt=0, description="default time-between-tokens SLO (per-request override)")
     recompute_seconds_per_block: float | None = Field(

@@ -42,15 +42,20 @@ class EngineStats:
     kv_bytes_per_token_per_layer: int
     hidden_bytes_per_token_per_layer: int
     cache_bytes: int
+    num_rejected: dict[str, int]  # requests refused by add_request, by reason: invalid or queue_full
     alpha: float  # seconds of K/V recompute per block of hidden history per step (measured or configured)
     recompute_fixed_seconds: float
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue holds `max_waiting` requests: retry later (HTTP 503 with Retry-After)."""
 
 
 class Engine:
     """Runs requests to completion through an `Executor`. Not thread-safe: one caller drives `step()`.
 
-    Every request ends finished (stop or length), aborted, or is rejected by `add_request` with a
-    ValueError that names the problem; a rejected request changes nothing.
+    Every request ends finished (stop or length), aborted, or is rejected by `add_request` — with a
+    ValueError that names the problem, or QueueFull — and a rejected request changes nothing.
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class Engine:
         self._aborted: list[Request] = []
         self.num_steps = self.num_preemptions = self.num_conversions = 0
         self.tokens_by_cache_type = {cache_type.value: 0 for cache_type in CacheType}
+        self.num_rejected = {"invalid": 0, "queue_full": 0}
         self.timer = StepTimer()
 
     # -- requests ------------------------------------------------------------------------------
@@ -105,9 +111,14 @@ class Engine:
         defaults to now; a trace replay passes the scheduled arrival so that waiting is counted from it.
         """
         params = params or SamplingParams()
-        if request_id is not None and request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        prompt, override = self.validate(prompt_token_ids, params, cache_type, ttft_slo_s, tbt_slo_s)
+        try:
+            if request_id is not None and request_id in self.requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            prompt, override = self.validate(prompt_token_ids, params, cache_type, ttft_slo_s, tbt_slo_s)
+        except ValueError:
+            self.num_rejected["invalid"] += 1
+            raise
+        self.check_capacity()
         seq_id = next(self._seq_ids)
         request_id = request_id if request_id is not None else f"req-{seq_id}"
         request = Request(
@@ -118,6 +129,13 @@ class Engine:
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request_id
+
+    def check_capacity(self, queued_elsewhere: int = 0) -> None:
+        """Raise QueueFull (and count it) when the waiting queue, plus `queued_elsewhere`, is full."""
+        limit = self.config.max_waiting
+        if limit is not None and len(self.scheduler.waiting) + queued_elsewhere >= limit:
+            self.num_rejected["queue_full"] += 1
+            raise QueueFull(f"the waiting queue is full ({limit} requests): retry later")
 
     def validate(
         self,
@@ -180,7 +198,7 @@ class Engine:
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         self.scheduler.remove(request)
-        request.status = RequestStatus.FINISHED
+        request.status = RequestStatus.ABORTED if reason is FinishReason.ABORT else RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]
 
@@ -208,9 +226,7 @@ class Engine:
         now = self.clock()
         for request, token in zip(step.requests, tokens):
             self.tokens_by_cache_type[request.cache_type.value] += 1
-            if request.first_token_time is None:
-                request.first_token_time = now
-            request.last_token_time = now
+            request.token_times.append(now)
             reason = append_token(request, token, self.info.eos_token_ids, self.info.max_model_len, self.detokenizer)
             if reason is not None:
                 self._finish(request, reason)
@@ -251,9 +267,10 @@ class Engine:
             kv_bytes_per_token_per_layer=layout.bytes_per_token_per_layer(CacheType.KV),
             hidden_bytes_per_token_per_layer=layout.bytes_per_token_per_layer(CacheType.HIDDEN),
             cache_bytes=self.info.cache_bytes,
+            num_rejected=dict(self.num_rejected),
             alpha=self.alpha,
             recompute_fixed_seconds=self.info.cost.fixed_seconds,
         )
 
 
-__all__ = ["Engine", "EngineStats"]
+__all__ = ["Engine", "EngineStats", "QueueFull"]

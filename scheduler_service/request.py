@@ -1,4 +1,12 @@
-"""A request's state as it moves through the engine: waiting → running → finished (or back)."""
+"""A request's state as it moves through the engine.
+
+    waiting ──admit──▶ running ──stop/length──▶ finished
+       ▲                  │  └────abort────────▶ aborted (also from waiting or preempted)
+       └──── preempted ◀──┘
+
+A request refused by `Engine.add_request` (bad input: ValueError; full queue: QueueFull) is *rejected*:
+it never gets a `Request`, changes nothing, and is only counted in the engine's statistics.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +20,8 @@ class RequestStatus(str, enum.Enum):
     WAITING = "waiting"  # new, not yet admitted
     RUNNING = "running"  # holds blocks in the cache
     PREEMPTED = "preempted"  # waiting again: its cache was freed; it will be prefilled again
-    FINISHED = "finished"  # see `finish_reason`: stop, length or abort
+    FINISHED = "finished"  # ended normally: see `finish_reason` (stop or length)
+    ABORTED = "aborted"  # ended by the caller (`finish_reason` abort)
 
 
 class FinishReason(str, enum.Enum):
@@ -37,8 +46,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     cache_type: CacheType | None = None  # the type of the blocks it holds while running
     num_computed_tokens: int = 0  # tokens whose K/V (or x) are in the cache
-    first_token_time: float | None = None
-    last_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)  # when each output token was produced
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     text: str = ""
@@ -53,7 +61,16 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
+        """Ended, normally or by abort: it holds no blocks and gets no more tokens."""
+        return self.status in (RequestStatus.FINISHED, RequestStatus.ABORTED)
+
+    @property
+    def first_token_time(self) -> float | None:
+        return self.token_times[0] if self.token_times else None
+
+    @property
+    def last_token_time(self) -> float | None:
+        return self.token_times[-1] if self.token_times else None
 
     def pending_since(self) -> float:
         """When it last made progress: its last token, or its arrival (DESIGN §2's `t_i`)."""

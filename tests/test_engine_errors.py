@@ -10,7 +10,9 @@ import pytest
 from conftest import MAX_POSITIONS, VOCAB
 
 from cluster import LLM, SamplingParams
+from cluster.config import load_config
 from hybrid_cache import HiddenCacheUnavailable
+from scheduler_service import QueueFull, RequestStatus
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
 
@@ -139,3 +141,38 @@ def test_duplicate_request_id(llm: LLM) -> None:
         llm.engine.add_request([4, 5], GREEDY, request_id="x")
     while llm.engine.has_unfinished():
         llm.engine.step()
+
+
+def test_lifecycle_statuses_and_token_times(llm: LLM) -> None:
+    engine = llm.engine
+    done = engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    cut = engine.add_request([8, 9], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    requests = {rid: engine.requests[rid] for rid in (done, cut)}
+    assert all(r.status is RequestStatus.WAITING for r in requests.values())
+    engine.step()
+    assert all(r.status is RequestStatus.RUNNING for r in requests.values())
+    engine.abort(cut)
+    while engine.has_unfinished():
+        engine.step()
+    assert requests[done].status is RequestStatus.FINISHED and requests[cut].status is RequestStatus.ABORTED
+    times = requests[done].token_times
+    assert len(times) == 3 and times == sorted(times) and times[0] >= requests[done].arrival_time
+    assert requests[done].first_token_time == times[0] and requests[done].last_token_time == times[-1]
+
+
+def test_full_waiting_queue_rejects_and_changes_nothing(tiny_models: dict[str, Path], make_llm) -> None:
+    config = load_config(overrides={"model.path": str(tiny_models["opt"]), "scheduler.max_waiting": 2})
+    llm = make_llm(tiny_models["opt"], block_size=4, num_blocks=64, config=config)
+    engine = llm.engine
+    ids = [engine.add_request([4, 5, 6], GREEDY) for _ in range(2)]
+    with pytest.raises(QueueFull, match="waiting queue is full"):
+        engine.add_request([4, 5, 6], GREEDY)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.add_request([], GREEDY)
+    assert engine.stats().num_rejected == {"invalid": 1, "queue_full": 1}
+    assert engine.stats().num_waiting == 2
+    ended = set()
+    while engine.has_unfinished():
+        ended |= {out.request_id for out in engine.step() if out.finished}
+    assert ended == set(ids)
+    still_serves(llm)

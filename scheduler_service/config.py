@@ -36,6 +36,9 @@ class SchedulerConfig(BaseModel):
     violator_density: float = Field(
         1e-6, gt=0, description="apt's value per block for requests already past an SLO: served only with spare room"
     )
+    growth_reserve_tokens: int = Field(
+        16, ge=0, description="apt admits new requests only into blocks left after every running one grows this much"
+    )
     conversion_free_fraction: float = Field(
         0.1,
         ge=0.0,

@@ -32,7 +32,12 @@ class AptPolicy(Policy):
         waiting, running = _Candidates.of(view.waiting, view), _Candidates.of(view.running, view)
         # Who is already late, decided once per iteration: it sets U and each request's value.
         on_time = int((~waiting.late).sum() + (~running.late).sum())
-        waiting_choice = waiting.choose(view, on_time, view.cache.num_free)
+        # Admissions leave the running requests room to grow for a while: filling every free block
+        # would preempt one of them within a step or two, and its re-prefill wastes the admission.
+        reserve = sum(
+            view.cache.blocks_to_hold(r.seq_id, r.num_tokens + view.config.growth_reserve_tokens) for r in view.running
+        )
+        waiting_choice = waiting.choose(view, on_time, max(0, view.cache.num_free - reserve))
         admitted = [(r, CacheType(NAMES[k])) for r, k in zip(view.waiting, waiting_choice.tolist()) if k != CODE_SKIP]
         if admitted and (not view.running or waiting.pending.sum() > running.pending.sum()):
             return self._prefill(view, admitted)

@@ -19,10 +19,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
         pairs[key] = value
     for flag, key in (("model", "model.path"), ("dtype", "model.dtype"), ("cache", "scheduler.cache_mode"),
                       ("policy", "scheduler.policy"), ("num_blocks", "cache.num_blocks"),
-                      ("host", "server.host"), ("port", "server.port")):
+                      ("host", "server.host"), ("port", "server.port"), ("tp", "parallel.tensor_parallel_size"),
+                      ("executor", "parallel.executor")):
         value = getattr(args, flag, None)
         if value is not None:
             pairs[key] = str(value)
+    if getattr(args, "tp", None) and args.tp > 1 and getattr(args, "executor", None) is None:
+        pairs["parallel.executor"] = "ray"  # tensor parallelism runs over Ray worker actors
     return pairs
 
 
@@ -34,6 +37,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", choices=["kv", "hidden", "hybrid"], help="cache mode (scheduler.cache_mode)")
     parser.add_argument("--policy", help="scheduling policy (scheduler.policy)")
     parser.add_argument("--num-blocks", type=int, help="cache blocks (cache.num_blocks)")
+    parser.add_argument("--tp", type=int, help="tensor-parallel ranks (parallel.tensor_parallel_size; >1 uses Ray)")
+    parser.add_argument("--executor", choices=["local", "ray"], help="where the model runs (parallel.executor)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -48,10 +53,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:
         prompt = {"prompt_token_ids": llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])}
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    output = llm.generate([prompt], params)[0]  # type: ignore[list-item]
-    print(output.text if args.chat else args.prompt + output.text)
-    if args.stats:
-        print(json.dumps(asdict(llm.stats()), indent=2), file=sys.stderr)
+    try:
+        output = llm.generate([prompt], params)[0]  # type: ignore[list-item]
+        print(output.text if args.chat else args.prompt + output.text)
+        if args.stats:
+            print(json.dumps(asdict(llm.stats()), indent=2), file=sys.stderr)
+    finally:
+        llm.shutdown()
     return 0
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,14 +25,30 @@ class ServerConfig(BaseModel):
     served_model_name: str | None = Field(None, description="default: the model directory's name")
 
 
+class ParallelConfig(BaseModel):
+    """How an engine's model runs: in this process, or over Ray as tensor-parallel worker actors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    executor: Literal["local", "ray"] = Field("local", description="local: in-process (TP=1); ray: worker actors")
+    tensor_parallel_size: int = Field(1, gt=0, description="ranks per engine (ray executor)")
+    replicas: int = Field(1, gt=0, description="engine replicas, each a scheduler actor with its own TP group")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each rank reserves (and its torch threads)")
+    collective_timeout_s: float = Field(
+        30.0, gt=0, description="a rank waiting longer than this in a collective fails (a peer died)"
+    )
+    step_timeout_s: float = Field(300.0, gt=0, description="longest wait for one step or for the group to start")
+
+
 class AptServeConfig(BaseModel):
-    """Model, cache and scheduler settings of one engine, and where it is served."""
+    """Model, cache, scheduler and parallel settings of an engine, and where it is served."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
 

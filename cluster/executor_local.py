@@ -23,3 +23,6 @@ class LocalExecutor:
 
     def timings(self) -> dict[str, float]:
         return self.runner.timings()
+
+    def shutdown(self) -> None:
+        pass  # the runner is freed with this object

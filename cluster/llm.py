@@ -37,6 +37,8 @@ class LLM:
         device: str | None = None,
         seed: int | None = None,
         num_threads: int | None = None,
+        tensor_parallel_size: int | None = None,
+        executor: str | None = None,
         config: AptServeConfig | None = None,
     ) -> None:
         overrides = {
@@ -53,6 +55,8 @@ class LLM:
             "scheduler.policy": policy,
             "scheduler.max_num_seqs": max_num_seqs,
             "scheduler.max_num_batched_tokens": max_num_batched_tokens,
+            "parallel.tensor_parallel_size": tensor_parallel_size,
+            "parallel.executor": executor,
         }
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if config is None:
@@ -116,3 +120,7 @@ class LLM:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def shutdown(self) -> None:
+        """Stop the model workers (Ray actors with the ray executor; nothing to do in-process)."""
+        self.engine.executor.shutdown()

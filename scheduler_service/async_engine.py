@@ -165,7 +165,9 @@ class AsyncEngine:
         return self._error is None and not self._stopped and self._thread.is_alive()
 
     def shutdown(self) -> None:
+        """Stop the loop, then the model workers."""
         with self._cond:
             self._stopped = True
             self._cond.notify()
         self._thread.join(timeout=30)
+        self.engine.executor.shutdown()

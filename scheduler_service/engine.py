@@ -13,7 +13,7 @@ from hybrid_cache.manager import CacheManager, CacheUsage
 from hybrid_cache.plan import CacheType, SamplingParams
 from hybrid_cache.timing import StepTimer
 from scheduler_service.config import SchedulerConfig
-from scheduler_service.executor import Detokenizer, Executor
+from scheduler_service.executor import Detokenizer, Executor, ExecutorFailed
 from scheduler_service.output import append_token
 from scheduler_service.policies import allowed_cache_types, make_policy
 from scheduler_service.request import FinishReason, Request, RequestOutput, RequestStatus
@@ -34,6 +34,7 @@ class EngineStats:
     num_steps: int
     num_preemptions: int
     num_conversions: int
+    num_failed_steps: int  # steps lost to a worker failure (their running requests ended with an error)
     tokens_by_cache_type: dict[str, int]  # generated tokens, by the cache type their request held
     step_seconds: dict[str, float]  # cumulative: scheduling, and the executor's model / attention / recompute
     block_size: int
@@ -89,7 +90,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._aborted: list[Request] = []
-        self.num_steps = self.num_preemptions = self.num_conversions = 0
+        self.num_steps = self.num_preemptions = self.num_conversions = self.num_failed_steps = 0
         self.tokens_by_cache_type = {cache_type.value: 0 for cache_type in CacheType}
         self.num_rejected = {"invalid": 0, "queue_full": 0}
         self.timer = StepTimer()
@@ -198,7 +199,8 @@ class Engine:
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         self.scheduler.remove(request)
-        request.status = RequestStatus.ABORTED if reason is FinishReason.ABORT else RequestStatus.FINISHED
+        ended_early = reason in (FinishReason.ABORT, FinishReason.ERROR)
+        request.status = RequestStatus.ABORTED if ended_early else RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]
 
@@ -220,7 +222,10 @@ class Engine:
             if step.plan.finished_seq_ids:
                 self.executor.execute(step.plan)  # lets workers drop per-request state
             return outputs
-        tokens = self.executor.execute(step.plan)
+        try:
+            tokens = self.executor.execute(step.plan)
+        except ExecutorFailed as err:
+            return outputs + self._fail_running(str(err))
         self.scheduler.end_step(step)
         self.num_steps += 1
         now = self.clock()
@@ -233,6 +238,17 @@ class Engine:
             outputs.append(self._output(request, [token]))
         return outputs
 
+    def _fail_running(self, reason: str) -> list[RequestOutput]:
+        """The workers lost their caches: end every running request with an error (waiting ones stay)."""
+        log.error("step failed, ending %d running requests: %s", len(self.scheduler.running), reason)
+        self.cache.end_step()  # blocks a planned conversion would have released
+        failed = list(self.scheduler.running)
+        for request in failed:
+            request.error = f"the model workers failed: {reason}"
+            self._finish(request, FinishReason.ERROR)
+        self.num_failed_steps += 1
+        return [self._output(r, []) for r in failed]
+
     def _output(self, request: Request, new: list[int]) -> RequestOutput:
         return RequestOutput(
             request_id=request.request_id,
@@ -244,6 +260,7 @@ class Engine:
             finish_reason=request.finish_reason.value if request.finish_reason else None,
             cache_type=request.cache_type.value if request.cache_type else None,
             num_preemptions=request.num_preemptions,
+            error=request.error,
         )
 
     # -- reporting -----------------------------------------------------------------------------
@@ -259,6 +276,7 @@ class Engine:
             num_steps=self.num_steps,
             num_preemptions=self.num_preemptions,
             num_conversions=self.num_conversions,
+            num_failed_steps=self.num_failed_steps,
             tokens_by_cache_type=dict(self.tokens_by_cache_type),
             step_seconds=dict(self.timer.totals) | self.executor.timings(),
             block_size=layout.block_size,

@@ -21,13 +21,14 @@ class RequestStatus(str, enum.Enum):
     RUNNING = "running"  # holds blocks in the cache
     PREEMPTED = "preempted"  # waiting again: its cache was freed; it will be prefilled again
     FINISHED = "finished"  # ended normally: see `finish_reason` (stop or length)
-    ABORTED = "aborted"  # ended by the caller (`finish_reason` abort)
+    ABORTED = "aborted"  # ended early: by the caller (`finish_reason` abort) or a failed step (error)
 
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"  # aborted by the caller
+    ERROR = "error"  # the step failed (a worker died): see `Request.error`
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Request:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     text: str = ""
+    error: str | None = None  # why it ended with FinishReason.ERROR
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -96,3 +98,4 @@ class RequestOutput:
     finish_reason: str | None
     cache_type: str | None
     num_preemptions: int
+    error: str | None = None

@@ -140,5 +140,8 @@ def make_llm() -> Iterator[Callable[..., object]]:
 
     yield factory
     for llm in built:
-        assert not llm.engine.has_unfinished(), "requests left unfinished"
-        assert_cache_empty(llm.engine)
+        try:
+            assert not llm.engine.has_unfinished(), "requests left unfinished"
+            assert_cache_empty(llm.engine)
+        finally:
+            llm.shutdown()

@@ -10,6 +10,8 @@ from safetensors import safe_open
 
 from worker.model_spec import ModelSpec, load_model_spec
 from worker.models import CausalLM, build_model
+from worker.models.base import WeightReader
+from worker.parallel import SINGLE, TensorParallel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,27 +33,42 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) pairs one file at a time; a damaged file raises naming the file."""
+class _TensorReader:
+    """A loaded (memory-mapped) tensor behind the same interface as a safetensors slice."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        return self.tensor[index]
+
+
+def iter_weights(model_dir: Path) -> Iterator[tuple[str, WeightReader]]:
+    """Yield (name, reader) pairs one file at a time; a reader reads only the part asked for (a rank's
+    shard), so no process holds the whole checkpoint. A damaged file raises naming the file."""
     for path in checkpoint_files(model_dir):
         try:
             if path.suffix == ".safetensors":
                 with safe_open(str(path), framework="pt") as handle:
                     for name in handle.keys():
-                        yield name, handle.get_tensor(name)
+                        yield name, handle.get_slice(name)
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                yield from state.items()
+                for name, tensor in state.items():
+                    yield name, _TensorReader(tensor)
         except Exception as err:  # any failure to read a weight file means the file is damaged
             raise ValueError(f"corrupt checkpoint file {path}: {err}") from err
 
-def load_model(model_dir: str | Path, dtype: str, device: torch.device) -> CausalLM:
-    """Build the model for `model_dir` on `device` and fill it from the checkpoint."""
+def load_model(model_dir: str | Path, dtype: str, device: torch.device, tp: TensorParallel = SINGLE) -> CausalLM:
+    """Build this rank's shard of the model for `model_dir` on `device` and fill it from the checkpoint."""
     path = Path(model_dir)
     spec = load_model_spec(path)
     torch_dtype = resolve_dtype(dtype, spec)
     with torch.device("meta"):
-        model = build_model(spec)
+        model = build_model(spec, tp)
     model = model.to(dtype=torch_dtype).to_empty(device=device)
     model.load_weights(iter_weights(path))
     model.eval().requires_grad_(False)

@@ -16,6 +16,7 @@ from worker.config import ModelConfig
 from worker.cost_model import profile_recompute
 from worker.loader import load_model
 from worker.models import ForwardContext
+from worker.parallel import SINGLE, TensorParallel
 from worker.sampler import Sampler
 
 
@@ -28,19 +29,26 @@ class StepResult:
 
 
 class ModelRunner:
-    """Owns the model, the cache tensors and the sampler of one rank."""
+    """Owns the model shard, the cache tensors and the sampler of one rank.
 
-    def __init__(self, model: ModelConfig, cache: CacheConfig) -> None:
+    Under tensor parallelism every rank runs every step on the same plan; rank 0 samples. The cache
+    layout is the rank's: its share of the K/V heads and of the hidden columns, so the per-rank
+    hidden/KV ratio stays `r` and every rank counts the same blocks.
+    """
+
+    def __init__(self, model: ModelConfig, cache: CacheConfig, tp: TensorParallel = SINGLE) -> None:
         if model.num_threads:
             torch.set_num_threads(model.num_threads)
+        self.num_threads = torch.get_num_threads()
+        self.tp = tp
         self.device = torch.device(model.device)
-        self.model = load_model(model.path, model.dtype, self.device)
+        self.model = load_model(model.path, model.dtype, self.device, tp)
         spec = self.model.spec
         self.dtype = next(self.model.parameters()).dtype
         self.layout = CacheLayout(
             num_layers=spec.num_layers,
-            hidden_size=spec.hidden_size,
-            num_kv_heads=spec.num_kv_heads,
+            hidden_size=spec.hidden_size // tp.size,
+            num_kv_heads=spec.num_kv_heads // tp.size,
             head_dim=spec.head_dim,
             block_size=cache.block_size,
             dtype_bytes=torch.empty((), dtype=self.dtype).element_size(),
@@ -80,6 +88,8 @@ class ModelRunner:
             self.model.convert_to_kv(ctx)
             ids = [t for s in plan.seqs for t in s.token_ids]
             hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)
+            if self.tp.rank != 0:
+                return StepResult([])  # the LM head is replicated: rank 0 alone samples
             logits = self.model.compute_logits(hidden[meta.logits_index])
             tokens = self.sampler.sample(logits, [s.seq_id for s in plan.seqs], [s.sampling for s in plan.seqs])
         return StepResult(tokens, logits.float() if return_logits else None)

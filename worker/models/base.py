@@ -5,14 +5,27 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hybrid_cache.attention import convert_to_kv, hybrid_attention, store
 from hybrid_cache.metadata import AttentionMetadata
 from hybrid_cache.tensors import CacheTensors
 from worker.model_spec import ModelSpec
+from worker.parallel import TensorParallel
+
+Split = Literal["rows", "cols"]  # how a parameter is divided across tensor-parallel ranks
+
+
+class WeightReader(Protocol):
+    """A checkpoint tensor that can be read in part (a safetensors slice, or a tensor)."""
+
+    def get_shape(self) -> list[int]: ...
+
+    def __getitem__(self, index: object) -> torch.Tensor: ...
 
 
 @dataclass
@@ -60,27 +73,49 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class RowParallelLinear(nn.Linear):
+    """A linear layer over this rank's slice of the input features; partial sums are all-reduced.
+
+    The bias (whole on every rank) is added once, after the reduction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel) -> None:
+        super().__init__(in_features // tp.size, out_features, bias=bias)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.tp.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
 class CachedAttention(nn.Module):
     """Self-attention with a fused QKV projection whose history lives in the hybrid cache.
 
-    The layer's normalised input `x` is what a hidden request stores; `project_kv` recomputes K/V
-    from it with the same weights (and the rotary embedding, if any).
+    The layer's normalised input `x` is what a hidden request stores — under tensor parallelism,
+    this rank's column slice of it — and `project_kv` recomputes this rank's heads' K/V from it
+    (all-gathering the slices first) with the same weights and rotary embedding.
     """
 
     def __init__(
-        self, layer_index: int, spec: ModelSpec, rotary: RotaryEmbedding | None, out_bias: bool
+        self, layer_index: int, spec: ModelSpec, rotary: RotaryEmbedding | None, out_bias: bool, tp: TensorParallel
     ) -> None:
         super().__init__()
         self.layer_index = layer_index
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        self.q_size = spec.num_heads * spec.head_dim
-        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.tp = tp
+        heads = tp.shard(spec.num_heads, "attention heads")
+        kv_heads = tp.shard(spec.num_kv_heads, "key/value heads")
+        self.x_columns = tp.shard(spec.hidden_size, "hidden size")
+        self.num_heads, self.num_kv_heads = heads.stop - heads.start, kv_heads.stop - kv_heads.start
+        self.head_dim = spec.head_dim
+        self.q_size = self.num_heads * spec.head_dim
+        self.kv_size = self.num_kv_heads * spec.head_dim
         self.scale = spec.head_dim**-0.5
         self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=out_bias)
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, out_bias, tp)
         self.rotary = rotary
 
     def project_kv(self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> None:
+        x = self.tp.all_gather_columns(x)  # this rank's slice of x → the whole rows
         weight = self.qkv_proj.weight[self.q_size :]
         if self.qkv_proj.bias is not None:
             torch.addmm(self.qkv_proj.bias[self.q_size :], x, weight.t(), out=out)
@@ -104,7 +139,7 @@ class CachedAttention(nn.Module):
             q, k = self.rotary(q, ctx.meta.positions), self.rotary(k, ctx.meta.positions)
         layer = ctx.cache.layers[self.layer_index]
         with ctx.cache.workspace.timer.measure("attention"):  # includes recompute
-            store(layer, ctx.meta, k, v, x)
+            store(layer, ctx.meta, k, v, x[:, self.x_columns])
             out = hybrid_attention(layer, ctx.cache.workspace, ctx.meta, q, k, v, self.project_kv, self.scale)
         return self.o_proj(out.reshape(n, self.q_size))
 
@@ -121,9 +156,22 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, vocab]
         raise NotImplementedError
 
+    tp: TensorParallel
+    # Parameters (by name suffix) split across ranks; the rest are replicated on every rank
+    # (norms, biases of row-parallel layers, the embeddings and the LM head).
+    column_parallel: tuple[str, ...] = ()
+    row_parallel: tuple[str, ...] = ()
+
     def weight_targets(self, name: str) -> tuple[str, int] | None:
-        """Map a Hugging Face tensor name to (our parameter, row offset) or None to ignore it."""
+        """Map a Hugging Face tensor name to (our parameter, row offset on this rank) or None to ignore it."""
         raise NotImplementedError
+
+    def split_of(self, param: str) -> Split | None:
+        if param.endswith(self.row_parallel):
+            return "cols"
+        if param.endswith(self.column_parallel):
+            return "rows"
+        return None
 
     def _qkv_target(self, name: str) -> tuple[str, int] | None:
         """Separate q/k/v projections of a checkpoint land in row ranges of our fused `qkv_proj`."""
@@ -140,11 +188,12 @@ class CausalLM(nn.Module):
             for attention in self.attention_layers:
                 attention.convert(ctx)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors into parameters; raise naming any missing or mis-shaped tensor."""
+    def load_weights(self, weights: Iterable[tuple[str, WeightReader]]) -> None:
+        """Copy this rank's share of each checkpoint tensor into parameters (reading only that share);
+        raise naming any missing or mis-shaped tensor."""
         params = dict(self.named_parameters())
         filled: dict[str, int] = {name: 0 for name in params}
-        for hf_name, tensor in weights:
+        for hf_name, reader in weights:
             target = self.weight_targets(hf_name)
             if target is None:
                 continue
@@ -152,6 +201,7 @@ class CausalLM(nn.Module):
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name} maps to unknown parameter {name}")
             param = params[name]
+            tensor = self._read_share(hf_name, reader, self.split_of(name))
             rows = tensor.shape[0]
             dest = param.data[row : row + rows] if row or rows != param.shape[0] else param.data
             if dest.shape != tensor.shape:
@@ -163,3 +213,13 @@ class CausalLM(nn.Module):
         missing = [name for name, count in filled.items() if count != params[name].numel()]
         if missing:
             raise ValueError(f"checkpoint is missing tensors for: {', '.join(sorted(missing)[:8])}")
+
+    def _read_share(self, hf_name: str, reader: WeightReader, split: Split | None) -> torch.Tensor:
+        shape = list(reader.get_shape())
+        if split is None or self.tp.size == 1:
+            return reader[:]
+        dim = 0 if split == "rows" else 1
+        if len(shape) <= dim:
+            raise ValueError(f"checkpoint tensor {hf_name} has shape {tuple(shape)}: cannot split its dim {dim}")
+        part = self.tp.shard(shape[dim], f"dim {dim} of {hf_name}")
+        return reader[part] if dim == 0 else reader[:, part]

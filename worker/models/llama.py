@@ -9,18 +9,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.model_spec import ModelSpec
-from worker.models.base import CachedAttention, CausalLM, ForwardContext, RMSNorm, RotaryEmbedding
+from worker.models.base import CachedAttention, CausalLM, ForwardContext, RMSNorm, RotaryEmbedding, RowParallelLinear
+from worker.parallel import TensorParallel
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, index: int, spec: ModelSpec, rotary: RotaryEmbedding) -> None:
+    def __init__(self, index: int, spec: ModelSpec, rotary: RotaryEmbedding, tp: TensorParallel) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
-        self.self_attn = CachedAttention(index, spec, rotary=rotary, out_bias=spec.attention_bias)
+        self.self_attn = CachedAttention(index, spec, rotary=rotary, out_bias=spec.attention_bias, tp=tp)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
-        self.intermediate_size = spec.intermediate_size
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        mlp = tp.shard(spec.intermediate_size, "intermediate size")
+        self.intermediate_size = mlp.stop - mlp.start  # this rank's share
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * self.intermediate_size, bias=spec.mlp_bias)
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), ctx)
@@ -29,12 +31,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    def __init__(self, spec: ModelSpec) -> None:
+    column_parallel = ("qkv_proj.weight", "qkv_proj.bias", "gate_up_proj.weight", "gate_up_proj.bias")
+    row_parallel = ("o_proj.weight", "down_proj.weight")
+
+    def __init__(self, spec: ModelSpec, tp: TensorParallel) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec, self.tp = spec, tp
         self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(i, spec, self.rotary) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(i, spec, self.rotary, tp) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.norm_eps)
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.attention_layers = [layer.self_attn for layer in self.layers]
@@ -63,5 +68,5 @@ class LlamaForCausalLM(CausalLM):
             layer, which, kind = match.groups()
             if which == "down":
                 return f"layers.{layer}.down_proj.{kind}", 0
-            return f"layers.{layer}.gate_up_proj.{kind}", 0 if which == "gate" else self.spec.intermediate_size
+            return f"layers.{layer}.gate_up_proj.{kind}", 0 if which == "gate" else self.layers[0].intermediate_size
         return name, 0

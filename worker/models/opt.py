@@ -7,20 +7,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.model_spec import ModelSpec
-from worker.models.base import CachedAttention, CausalLM, ForwardContext
+from worker.models.base import CachedAttention, CausalLM, ForwardContext, RowParallelLinear
+from worker.parallel import TensorParallel
 
 # OPT's learned position table starts two rows in (a quirk of its fairseq origin).
 POSITION_OFFSET = 2
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, index: int, spec: ModelSpec) -> None:
+    def __init__(self, index: int, spec: ModelSpec, tp: TensorParallel) -> None:
         super().__init__()
         self.self_attn_layer_norm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
-        self.self_attn = CachedAttention(index, spec, rotary=None, out_bias=spec.attention_bias)
+        self.self_attn = CachedAttention(index, spec, rotary=None, out_bias=spec.attention_bias, tp=tp)
         self.final_layer_norm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
-        self.fc1 = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
-        self.fc2 = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        mlp = tp.shard(spec.intermediate_size, "intermediate size")
+        self.fc1 = nn.Linear(spec.hidden_size, mlp.stop - mlp.start, bias=spec.mlp_bias)
+        self.fc2 = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = h + self.self_attn(self.self_attn_layer_norm(h), ctx)
@@ -28,12 +30,15 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTForCausalLM(CausalLM):
-    def __init__(self, spec: ModelSpec) -> None:
+    column_parallel = ("qkv_proj.weight", "qkv_proj.bias", "fc1.weight", "fc1.bias")
+    row_parallel = ("o_proj.weight", "fc2.weight")
+
+    def __init__(self, spec: ModelSpec, tp: TensorParallel) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec, self.tp = spec, tp
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.embed_positions = nn.Embedding(spec.max_position_embeddings + POSITION_OFFSET, spec.hidden_size)
-        self.layers = nn.ModuleList(OPTDecoderLayer(i, spec) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(OPTDecoderLayer(i, spec, tp) for i in range(spec.num_layers))
         self.final_layer_norm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.attention_layers = [layer.self_attn for layer in self.layers]

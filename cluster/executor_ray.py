@@ -1,0 +1,110 @@
+"""The Ray executor: one worker actor per tensor-parallel rank, placed by a placement group.
+
+Each step the encoded plan goes once to every rank (one object in Ray's store, read by all); rank 0
+returns the sampled tokens. If a rank dies the group is torn down and rebuilt (every rank reloads its
+shard) and the step raises ExecutorFailed, so the engine ends the running requests with an error and
+new ones succeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from hybrid_cache.config import CacheConfig
+from hybrid_cache.info import WorkerInfo
+from hybrid_cache.plan import BatchPlan
+from hybrid_cache.plan_codec import encode_plan
+from scheduler_service.executor import ExecutorFailed
+from worker.config import ModelConfig
+from worker.rank_worker import RankWorker
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RayExecutor:
+    """Implements `scheduler_service.Executor` over `tp_size` RankWorker actors."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        cache: CacheConfig,
+        tp_size: int,
+        cpus_per_worker: float,
+        collective_timeout_s: float,
+        step_timeout_s: float,
+    ) -> None:
+        self.model, self.cache, self.tp_size = model, cache, tp_size
+        self.cpus_per_worker = cpus_per_worker
+        self.collective_timeout_s, self.step_timeout_s = collective_timeout_s, step_timeout_s
+        self.num_rebuilds = 0
+        self._start()
+
+    def _start(self) -> None:
+        gpu = self.model.device.startswith("cuda")
+        bundle = {"GPU": 1.0} if gpu else {"CPU": self.cpus_per_worker}
+        self.group = placement_group([dict(bundle) for _ in range(self.tp_size)], strategy="PACK")
+        ray.get(self.group.ready(), timeout=self.step_timeout_s)
+        actor = ray.remote(RankWorker)
+        port = free_port()
+        # Threads: Ray may set OMP_NUM_THREADS from the bundle; the model config's count wins, explicitly.
+        model = self.model
+        if model.num_threads is None and not gpu:
+            model = model.model_copy(update={"num_threads": max(1, int(self.cpus_per_worker))})
+        self.workers = [
+            actor.options(
+                num_cpus=0 if gpu else self.cpus_per_worker,
+                num_gpus=1 if gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
+                max_restarts=0,
+            ).remote(model, self.cache, rank, self.tp_size, port, self.collective_timeout_s)
+            for rank in range(self.tp_size)
+        ]
+        self._info: WorkerInfo = ray.get(self.workers[0].info.remote(), timeout=self.step_timeout_s)
+        self.ranks = ray.get([w.describe.remote() for w in self.workers], timeout=self.step_timeout_s)
+        log.info("tensor-parallel group of %d ranks ready: %s", self.tp_size, self.ranks)
+
+    def _stop(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker, no_restart=True)
+        remove_placement_group(self.group)
+
+    def rebuild(self) -> None:
+        """Tear the group down and start it again (each rank reloads its shard)."""
+        self._stop()
+        self._start()
+        self.num_rebuilds += 1
+
+    def info(self) -> WorkerInfo:
+        return self._info
+
+    def execute(self, plan: BatchPlan) -> list[int]:
+        encoded = ray.put(encode_plan(plan))
+        refs = [worker.execute.remote(encoded) for worker in self.workers]
+        try:
+            results = ray.get(refs, timeout=self.step_timeout_s)
+        except (RayActorError, RayTaskError, GetTimeoutError) as err:
+            started = time.monotonic()
+            self.rebuild()
+            message = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            log.error("rebuilt the worker group in %.1f s after: %s", time.monotonic() - started, message)
+            raise ExecutorFailed(message) from err
+        return results[0]
+
+    def timings(self) -> dict[str, float]:
+        return ray.get(self.workers[0].timings.remote(), timeout=self.step_timeout_s)
+
+    def shutdown(self) -> None:
+        self._stop()

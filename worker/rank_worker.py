@@ -1,0 +1,55 @@
+"""One tensor-parallel rank as a long-lived worker: joins its group, loads its shard, runs each step.
+
+Plain Python: `cluster.executor_ray` hosts it in a Ray actor (one per rank); tests can run it in any
+process. Every rank receives the same encoded plan each step; rank 0's answer carries the tokens.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hybrid_cache.config import CacheConfig
+from hybrid_cache.info import WorkerInfo
+from hybrid_cache.plan import CacheType
+from hybrid_cache.plan_codec import EncodedPlan, decode_plan
+from worker.config import ModelConfig
+from worker.model_runner import ModelRunner
+from worker.parallel import destroy_tensor_parallel, init_tensor_parallel
+
+
+class RankWorker:
+    def __init__(
+        self, model: ModelConfig, cache: CacheConfig, rank: int, tp_size: int, port: int, timeout_s: float
+    ) -> None:
+        device = torch.device(model.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", 0)  # Ray shows each actor only its own GPU
+            model = model.model_copy(update={"device": str(device)})
+        self.tp = init_tensor_parallel(rank, tp_size, port, device, timeout_s)
+        self.runner = ModelRunner(model, cache, self.tp)
+
+    def info(self) -> WorkerInfo:
+        return self.runner.info()
+
+    def execute(self, plan: EncodedPlan) -> list[int]:
+        return self.runner.execute(decode_plan(plan)).token_ids
+
+    def timings(self) -> dict[str, float]:
+        return self.runner.timings()
+
+    def describe(self) -> dict[str, object]:
+        """What this rank runs on: for logs and the cluster's statistics."""
+        return {
+            "rank": self.tp.rank,
+            "pid": os.getpid(),
+            "threads": self.runner.num_threads,
+            "device": str(self.runner.device),
+            "kv_bytes_per_token_per_layer": self.runner.layout.bytes_per_token_per_layer(CacheType.KV),
+            "hidden_bytes_per_token_per_layer": self.runner.layout.bytes_per_token_per_layer(CacheType.HIDDEN),
+            "cache_bytes": self.runner.cache.nbytes,
+        }
+
+    def shutdown(self) -> None:
+        destroy_tensor_parallel()

@@ -9,8 +9,9 @@ new ones succeed.
 from __future__ import annotations
 
 import logging
-import socket
+import tempfile
 import time
+from pathlib import Path
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -26,12 +27,6 @@ from worker.config import ModelConfig
 from worker.rank_worker import RankWorker
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RayExecutor:
@@ -58,7 +53,8 @@ class RayExecutor:
         self.group = placement_group([dict(bundle) for _ in range(self.tp_size)], strategy="PACK")
         ray.get(self.group.ready(), timeout=self.step_timeout_s)
         actor = ray.remote(RankWorker)
-        port = free_port()
+        # A fresh rendezvous file per group (the ranks share this node's file system).
+        rendezvous = str(Path(tempfile.mkdtemp(prefix="aptserve-tp-")) / "rendezvous")
         # Threads: Ray may set OMP_NUM_THREADS from the bundle; the model config's count wins, explicitly.
         model = self.model
         if model.num_threads is None and not gpu:
@@ -69,7 +65,7 @@ class RayExecutor:
                 num_gpus=1 if gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
                 max_restarts=0,
-            ).remote(model, self.cache, rank, self.tp_size, port, self.collective_timeout_s)
+            ).remote(model, self.cache, rank, self.tp_size, rendezvous, self.collective_timeout_s)
             for rank in range(self.tp_size)
         ]
         self._info: WorkerInfo = ray.get(self.workers[0].info.remote(), timeout=self.step_timeout_s)
@@ -94,7 +90,7 @@ class RayExecutor:
         encoded = ray.put(encode_plan(plan))
         refs = [worker.execute.remote(encoded) for worker in self.workers]
         try:
-            results = ray.get(refs, timeout=self.step_timeout_s)
+            results = self._gather(refs)
         except (RayActorError, RayTaskError, GetTimeoutError) as err:
             started = time.monotonic()
             self.rebuild()
@@ -102,6 +98,16 @@ class RayExecutor:
             log.error("rebuilt the worker group in %.1f s after: %s", time.monotonic() - started, message)
             raise ExecutorFailed(message) from err
         return results[0]
+
+    def _gather(self, refs: list) -> list:
+        """Every rank's answer; raises as soon as one rank fails (the others may be stuck in a collective)."""
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=self.step_timeout_s)
+            if not ready:
+                raise GetTimeoutError(f"no rank answered within {self.step_timeout_s} s")
+            ray.get(ready)  # raises that rank's error
+        return ray.get(refs)
 
     def timings(self) -> dict[str, float]:
         return ray.get(self.workers[0].timings.remote(), timeout=self.step_timeout_s)

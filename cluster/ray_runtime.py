@@ -1,16 +1,11 @@
-"""Starting (or joining) Ray so that everything it opens stays on 127.0.0.1 unless told otherwise."""
+"""Starting (or joining) Ray so that everything it opens stays on 127.0.0.1 unless told otherwise.
+
+The environment that keeps Ray on loopback is set by `cluster/__init__.py`, which runs before this.
+"""
 
 from __future__ import annotations
 
-import os
-
-# Without this Ray binds its services to the machine's external address (DESIGN §9). Set before Ray
-# starts any process, so every process it launches inherits it.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-import ray  # noqa: E402 - after the environment above
+import ray
 
 
 def ensure_ray(num_cpus: float | None = None, address: str | None = None) -> None:

@@ -41,7 +41,7 @@ def test_service_in_process(tiny_models: dict[str, Path]) -> None:
     async def scenario() -> dict[str, list[int]]:
         for i, prompt in enumerate(PROMPTS):
             await service.add_request("caller", f"r{i}", prompt, GREEDY)
-        await service.add_request("caller", "gone", [4, 4, 4], SamplingParams(temperature=0, max_tokens=500))
+        await service.add_request("caller", "gone", [4, 4, 4], SamplingParams(temperature=0, max_tokens=200))
         await service.abort("gone")
         tokens: dict[str, list[int]] = {}
         deadline = time.monotonic() + 60
@@ -80,7 +80,7 @@ def test_two_replicas_as_ray_actors(tiny_models: dict[str, Path]) -> None:
                 streams = [await client.generate(p, GREEDY, f"{client.caller}-{i}") for i, p in enumerate(PROMPTS)]
                 assert await asyncio.gather(*(collect(s) for s in streams)) == expected
             # A caller that walks away mid-stream aborts its request and frees its blocks.
-            stream = await clients[0].generate([4, 4, 4], SamplingParams(temperature=0, max_tokens=400), "walk")
+            stream = await clients[0].generate([4, 4, 4], SamplingParams(temperature=0, max_tokens=200), "walk")
             async for out in stream:
                 if len(out.token_ids) >= 3:
                     break

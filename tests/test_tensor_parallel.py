@@ -12,11 +12,10 @@ import os
 from pathlib import Path
 
 import pytest
-import ray
 from test_generation_equivalence import NUM_PROMPTS, run_and_compare
 
 from cluster import SamplingParams
-from cluster.ray_runtime import ensure_ray
+from cluster.ray_runtime import ensure_ray, ray  # through `cluster`, which keeps Ray on loopback
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -124,5 +123,6 @@ def test_every_listening_socket_is_on_loopback(tiny_models: dict[str, Path], mak
     tp_llm(make_llm, tiny_models["opt"], num_blocks=64)  # a live TP group: gloo's sockets too
     addresses = _listening_addresses(_descendants(os.getpid()))
     assert addresses, "found no listening socket at all: the check would prove nothing"
-    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc writes them
+    # 127.0.0.1, ::1 and ::ffff:127.0.0.1 as /proc writes them
+    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
     assert set(addresses) <= loopback, f"sockets listening beyond loopback: {sorted(set(addresses) - loopback)}"

@@ -48,16 +48,22 @@ class TensorParallel:
 SINGLE = TensorParallel()
 
 
-def init_tensor_parallel(rank: int, size: int, port: int, device: torch.device, timeout_s: float) -> TensorParallel:
-    """Join the group on 127.0.0.1 (gloo on CPU, NCCL on CUDA); a dead peer fails within `timeout_s`."""
+def init_tensor_parallel(
+    rank: int, size: int, rendezvous_file: str, device: torch.device, timeout_s: float
+) -> TensorParallel:
+    """Join the group (gloo on CPU, NCCL on CUDA); a dead peer fails a collective within `timeout_s`.
+
+    The ranks meet through a file (one node): unlike a TCP store, which listens on every interface,
+    it opens no socket. gloo's own connections stay on loopback.
+    """
     if size == 1:
         return SINGLE
     # gloo picks its interface from the host name unless told: keep it on loopback (DESIGN §9).
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # also set by `cluster` for every Ray process
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
         backend,
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{rendezvous_file}",
         rank=rank,
         world_size=size,
         timeout=datetime.timedelta(seconds=timeout_s),

@@ -21,13 +21,13 @@ from worker.parallel import destroy_tensor_parallel, init_tensor_parallel
 
 class RankWorker:
     def __init__(
-        self, model: ModelConfig, cache: CacheConfig, rank: int, tp_size: int, port: int, timeout_s: float
+        self, model: ModelConfig, cache: CacheConfig, rank: int, tp_size: int, rendezvous_file: str, timeout_s: float
     ) -> None:
         device = torch.device(model.device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", 0)  # Ray shows each actor only its own GPU
             model = model.model_copy(update={"device": str(device)})
-        self.tp = init_tensor_parallel(rank, tp_size, port, device, timeout_s)
+        self.tp = init_tensor_parallel(rank, tp_size, rendezvous_file, device, timeout_s)
         self.runner = ModelRunner(model, cache, self.tp)
 
     def info(self) -> WorkerInfo:

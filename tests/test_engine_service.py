@@ -96,8 +96,34 @@ def test_two_replicas_as_ray_actors(tiny_models: dict[str, Path]) -> None:
 
         asyncio.run(scenario())
     finally:
-        import ray
+        from cluster.ray_runtime import ray
 
         for handle in handles:
             ray.get(handle.shutdown.remote())
             ray.kill(handle)
+
+
+@pytest.mark.timeout(300)
+def test_replica_driving_tensor_parallel_workers(tiny_models: dict[str, Path]) -> None:
+    """The product's shape: a scheduler actor (no CPU) whose engine drives two TP worker actors."""
+    from cluster.engine_client import EngineClient
+    from cluster.ray_cluster import start_engine_replicas
+    from cluster.ray_runtime import ensure_ray, ray
+
+    ensure_ray(num_cpus=2)
+    expected = offline_tokens(tiny_models["llama"])
+    config = config_for(tiny_models["llama"], **{"parallel.executor": "ray", "parallel.tensor_parallel_size": 2,
+                                                  "scheduler.cache_mode": "hybrid", "scheduler.policy": "apt"})
+    (handle,) = start_engine_replicas(config, name_prefix="test-tp")
+    try:
+        async def scenario() -> list[list[int]]:
+            client = EngineClient(handle, poll_timeout_s=0.5)
+            streams = [await client.generate(p, GREEDY, f"tp-{i}") for i, p in enumerate(PROMPTS)]
+            return list(await asyncio.gather(*(collect(s) for s in streams)))
+
+        assert asyncio.run(scenario()) == expected
+        stats = ray.get(handle.stats.remote())
+        assert stats.cache.num_free == stats.cache.num_blocks == 64
+    finally:
+        ray.get(handle.shutdown.remote())
+        ray.kill(handle)

@@ -8,14 +8,16 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+# Ray stays in thin modules of `cluster` (actors, executor, runtime); the logic under them is plain Python.
 FORBIDDEN = {
-    "hybrid_cache": {"scheduler_service", "worker", "cluster", "bench"},
-    "scheduler_service": {"worker", "cluster", "bench", "torch", "transformers"},
-    "worker": {"scheduler_service", "cluster", "bench"},
+    "hybrid_cache": {"scheduler_service", "worker", "cluster", "bench", "ray"},
+    "scheduler_service": {"worker", "cluster", "bench", "torch", "transformers", "ray"},
+    "worker": {"scheduler_service", "cluster", "bench", "ray"},
     "cluster": {"bench"},
 }
 # The command line is the outermost shell: `aptserve replay` starts a benchmark.
 ALLOWED = {"cluster/cli.py": {"bench"}}
+RAY_MODULES = {"cluster/executor_ray.py", "cluster/ray_cluster.py", "cluster/ray_runtime.py"}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -39,3 +41,13 @@ def test_imports_point_one_way(package: str) -> None:
         if bad:
             wrong[name] = sorted(bad)
     assert not wrong, f"imports against the layering: {wrong}"
+
+
+def test_ray_only_in_its_thin_modules() -> None:
+    users = {
+        str(f.relative_to(REPO))
+        for package in ("cluster", "scheduler_service", "worker", "hybrid_cache")
+        for f in (REPO / package).rglob("*.py")
+        if "ray" in imported_roots(f)
+    }
+    assert users == RAY_MODULES

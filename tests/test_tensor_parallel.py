@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from test_generation_equivalence import NUM_PROMPTS, run_and_compare
 
 from cluster import SamplingParams
@@ -58,6 +59,13 @@ def test_each_rank_holds_its_share(tiny_models: dict[str, Path], make_llm) -> No
         assert rank["hidden_bytes_per_token_per_layer"] * 2 == rank["kv_bytes_per_token_per_layer"]
         assert rank["threads"] == 1
     assert llm.stats().ratio == 0.5
+    # Each rank holds half of every split weight and all of the replicated ones (norms, embeddings).
+    from worker.loader import load_model
+
+    whole = load_model(tiny_models["opt"], "float32", torch.device("cpu"))
+    split = sum(p.numel() for n, p in whole.named_parameters() if whole.split_of(n))
+    total = sum(p.numel() for p in whole.parameters())
+    assert split > 0 and all(rank["num_parameters"] == total - split // 2 for rank in ranks)
 
 
 def test_a_dead_worker_fails_running_requests_and_the_group_recovers(tiny_models: dict[str, Path], make_llm) -> None:

@@ -46,6 +46,7 @@ class RankWorker:
             "pid": os.getpid(),
             "threads": self.runner.num_threads,
             "device": str(self.runner.device),
+            "num_parameters": sum(p.numel() for p in self.runner.model.parameters()),
             "kv_bytes_per_token_per_layer": self.runner.layout.bytes_per_token_per_layer(CacheType.KV),
             "hidden_bytes_per_token_per_layer": self.runner.layout.bytes_per_token_per_layer(CacheType.HIDDEN),
             "cache_bytes": self.runner.cache.nbytes,

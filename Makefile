@@ -7,7 +7,7 @@ MODEL_DIR := data/models/SmolLM2-135M-Instruct
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup model test serve lint
+.PHONY: setup model test serve lint proto
 
 setup: $(STAMP) model
 
@@ -32,3 +32,7 @@ serve: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# The gRPC code, generated from the proto (a test checks the checked-in files match).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. cluster/grpc_gen/aptserve.proto

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from cluster.config import DEFAULT_CONFIG, load_config
 
@@ -64,24 +65,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import time
 
-    from cluster.engine_builder import build_async_engine
-    from cluster.http_server import build_app
+    from cluster.serve_app import start_serving, stop_serving
 
     config = load_config(args.config, _overrides(args))
-    engine, tokenizer, name = build_async_engine(config)
-    app = build_app(engine, tokenizer, name)
-    host, port = config.server.host, config.server.port
+    name = config.server.served_model_name or Path(config.model.path).name
+    start_serving(config)
+    host, port, grpc_port = config.server.host, config.server.port, config.server.grpc_port
     base = f"http://{host}:{port}"
-    print(f"serving {name} at {base}/v1 (Ctrl-C stops)")
+    print(f"serving {name}: HTTP {base}/v1 (metrics {base}/metrics), gRPC 127.0.0.1:{grpc_port} "
+          "(aptserve.v1.AptServe). Ctrl-C stops.")
     print("try:")
     print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{name}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'", flush=True)
+          f"-d '{{\"model\": \"{name}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'",
+          flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping...", flush=True)
     finally:
-        engine.shutdown()
+        stop_serving(config)
     return 0
 
 

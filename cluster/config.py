@@ -16,13 +16,19 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 
 
 class ServerConfig(BaseModel):
-    """Where `aptserve serve` listens (loopback by default) and the model name it answers to."""
+    """Where `aptserve serve` listens (loopback by default), the model name it answers to, its limits."""
 
     model_config = ConfigDict(extra="forbid")
 
-    host: str = Field("127.0.0.1", description="listen address; loopback unless you mean to expose it")
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="HTTP listen address; loopback unless you mean to expose it")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port")
+    grpc_port: int = Field(9000, ge=0, le=65535, description="gRPC port (Ray Serve's gRPC proxy)")
     served_model_name: str | None = Field(None, description="default: the model directory's name")
+    request_timeout_s: float = Field(600.0, gt=0, description="a request still running after this is aborted (504)")
+    max_ongoing_requests: int = Field(
+        1024, gt=0, description="concurrent requests per ingress replica (Serve's default of 5 would throttle streams)"
+    )
+    ingress_replicas: int = Field(1, gt=0, description="Ray Serve ingress replicas (they share the engine replicas)")
 
 
 class ParallelConfig(BaseModel):

@@ -1,26 +1,39 @@
-"""An OpenAI-compatible HTTP front end over one in-process `AsyncEngine` (FastAPI).
+"""The OpenAI-compatible HTTP front end (FastAPI) over a `Gateway`: one engine, or Ray replicas.
 
-`aptserve serve` runs it with uvicorn on 127.0.0.1. (The Ray Serve deployment of a later issue wraps
-the same routes.)
+The same app runs under uvicorn in-process (`serve_local`, tests) and as the Ray Serve ingress
+(`cluster/serve_app.py`). What it serves comes from `app.state.frontend`, set once at start-up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from cluster import metrics
+from cluster.gateways import Gateway
 from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.tokenizer import Tokenizer
 from hybrid_cache.layout import HiddenCacheUnavailable
-from scheduler_service.async_engine import AsyncEngine
 from scheduler_service.engine import QueueFull
 from scheduler_service.request import RequestOutput
+
+
+@dataclass
+class Frontend:
+    """What the routes serve: the engines, the tokenizer, the model's public name, the time limit."""
+
+    gateway: Gateway
+    tokenizer: Tokenizer
+    model_name: str
+    request_timeout_s: float
 
 
 def _visible(text: str, stops: tuple[str, ...], finished: bool) -> str:
@@ -32,10 +45,29 @@ def _visible(text: str, stops: tuple[str, ...], finished: bool) -> str:
     return text.rstrip("\ufffd")
 
 
-def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
+_installed: list[Frontend] = []
+
+
+def install_frontend(frontend: Frontend) -> None:
+    """Serve this frontend from every app in this process built without one (a Ray Serve replica:
+    Serve runs its own copy of the app object, so the replica cannot hand the frontend to it directly)."""
+    _installed[:] = [frontend]
+
+
+def installed_frontend() -> Frontend | None:
+    return _installed[0] if _installed else None
+
+
+def build_app(frontend: Frontend | None = None) -> FastAPI:
+    """The routes, serving `frontend`, or the one installed in this process when None."""
     app = FastAPI(title="Apt-Serve", description="OpenAI-compatible LLM serving on a hybrid cache")
-    max_model_len = engine.engine.info.max_model_len
     created = int(time.time())
+
+    def front() -> Frontend:
+        current = frontend or installed_frontend()
+        if current is None:
+            raise OpenAIError(503, "the server is starting", kind="server_error", headers={"Retry-After": "1"})
+        return current
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
@@ -48,27 +80,36 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> Fas
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = engine.healthy
+        ok = await front().gateway.healthy()
         return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        f = front()
+        page = metrics.render(f.model_name, await f.gateway.replica_stats())
+        return Response(page, media_type=metrics.CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "aptserve",
-                "max_model_len": max_model_len}
+        f = front()
+        card = {"id": f.model_name, "object": "model", "created": created, "owned_by": "aptserve",
+                "max_model_len": f.gateway.max_model_len}
         return {"object": "list", "data": [card]}
 
-    def start(body: CompletionRequest | ChatCompletionRequest, prompt: list[int]) -> tuple[str, AsyncIterator]:
-        if body.model != model_name:
-            raise OpenAIError(404, f"The model `{body.model}` does not exist (serving `{model_name}`)",
+    async def start(body: CompletionRequest | ChatCompletionRequest, prompt: list[int]) -> tuple[str, AsyncIterator]:
+        f = front()
+        if body.model != f.model_name:
+            raise OpenAIError(404, f"The model `{body.model}` does not exist (serving `{f.model_name}`)",
                               kind="not_found_error", param="model")
-        params = body.sampling_params(len(prompt), max_model_len)
+        params = body.sampling_params(len(prompt), f.gateway.max_model_len)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         try:
             slos = {
                 "ttft_slo_s": body.ttft_slo_ms / 1000 if body.ttft_slo_ms else None,
                 "tbt_slo_s": body.tbt_slo_ms / 1000 if body.tbt_slo_ms else None,
             }
-            return request_id, engine.generate(prompt, params, request_id, body.cache_type, **slos)
+            stream = await f.gateway.generate(prompt, params, request_id, body.cache_type, **slos)
+            return request_id, _with_deadline(stream, f.request_timeout_s)
         except QueueFull as err:
             raise OpenAIError(503, str(err), kind="overloaded_error", headers={"Retry-After": "1"}) from err
         except HiddenCacheUnavailable as err:
@@ -81,13 +122,20 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> Fas
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def run(body, prompt: list[int], chat: bool):  # noqa: ANN202 - a JSON or a streaming response
-        request_id, outputs = start(body, prompt)
+        request_id, outputs = await start(body, prompt)
+        model_name = front().model_name
         stops = tuple([body.stop] if isinstance(body.stop, str) else body.stop or [])
         kind = "chat.completion" if chat else "text_completion"
         if not body.stream:
             final = None
-            async for output in outputs:
-                final = output
+            try:
+                async for output in outputs:
+                    final = output
+            except RequestTimeout as err:
+                raise OpenAIError(504, str(err), kind="timeout_error") from err
+            if final is None or final.finish_reason == "error":
+                message = final.error if final is not None else "the engine ended the request without output"
+                raise OpenAIError(503, message or "the model workers failed", kind="server_error")
             choice = {"index": 0, "finish_reason": final.finish_reason}
             choice |= {"message": {"role": "assistant", "content": final.text}} if chat else {"text": final.text}
             return {"id": request_id, "object": kind, "created": int(time.time()), "model": model_name,
@@ -101,14 +149,22 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> Fas
                 first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 yield f"data: {json.dumps(head | {'choices': [first]})}\n\n"
             final = None
-            async for final in outputs:
-                text = _visible(final.text, stops, final.finished)
-                delta, sent = text[sent:], max(sent, len(text))
-                if not delta and not final.finished:
-                    continue
-                choice = {"index": 0, "finish_reason": final.finish_reason}
-                choice |= {"delta": {"content": delta}} if chat else {"text": delta}
-                yield f"data: {json.dumps(head | {'choices': [choice]})}\n\n"
+            try:
+                async for final in outputs:
+                    if final.finish_reason == "error":
+                        raise OpenAIError(503, final.error or "the model workers failed", kind="server_error")
+                    text = _visible(final.text, stops, final.finished)
+                    delta, sent = text[sent:], max(sent, len(text))
+                    if not delta and not final.finished:
+                        continue
+                    choice = {"index": 0, "finish_reason": final.finish_reason}
+                    choice |= {"delta": {"content": delta}} if chat else {"text": delta}
+                    yield f"data: {json.dumps(head | {'choices': [choice]})}\n\n"
+            except (RequestTimeout, OpenAIError) as err:  # the status is sent already: an error event
+                error = err if isinstance(err, OpenAIError) else OpenAIError(504, str(err), kind="timeout_error")
+                yield f"data: {json.dumps(error.body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             if body.stream_options and body.stream_options.include_usage and final is not None:
                 yield f"data: {json.dumps(head | {'choices': [], 'usage': usage(final)})}\n\n"
             yield "data: [DONE]\n\n"
@@ -117,15 +173,33 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str) -> Fas
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):  # noqa: ANN202
-        if isinstance(body.prompt, str):
-            prompt = tokenizer.encode(body.prompt)
-        else:
-            prompt = body.prompt
+        prompt = front().tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else body.prompt
         return await run(body, prompt, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):  # noqa: ANN202
-        prompt = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+        prompt = front().tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
         return await run(body, prompt, chat=True)
 
     return app
+
+
+class RequestTimeout(Exception):
+    """A request ran past `server.request_timeout_s`: it is aborted (504, or an error event on a stream)."""
+
+
+async def _with_deadline(stream: AsyncIterator[RequestOutput], timeout_s: float) -> AsyncIterator[RequestOutput]:
+    """`stream`, ended (and its request aborted, by closing it) once `timeout_s` have passed."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    try:
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                output = await asyncio.wait_for(anext(stream), max(left, 0.0))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise RequestTimeout(f"the request took longer than {timeout_s:g} s and was aborted") from None
+            yield output
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]  # aborts the request if it has not ended

@@ -1,8 +1,13 @@
-"""Engine replicas on Ray: each a central scheduler actor (no CPU reserved) with its own TP group."""
+"""Engine replicas on Ray: each a central scheduler actor (no CPU reserved) with its own executor.
+
+Replicas are named, detached actors (`<prefix>-<i>` in the `aptserve` namespace): every ingress
+replica that starts finds the same engines, and they outlive any one of them. `stop_engine_replicas`
+ends them.
+"""
 
 from __future__ import annotations
 
-import functools
+import os
 
 import ray
 
@@ -12,25 +17,49 @@ from cluster.ray_runtime import ensure_ray
 from scheduler_service.engine import Engine
 from scheduler_service.engine_service import EngineService
 
+NAMESPACE = "aptserve"
+
 
 def _engine_for(config: AptServeConfig) -> Engine:
+    if config.parallel.executor == "local" and config.model.num_threads is None:
+        # The model runs inside this actor, which reserves no CPU, so Ray has set one OpenMP thread;
+        # use the machine's cores explicitly, as an in-process engine would.
+        model = config.model.model_copy(update={"num_threads": os.cpu_count() or 1})
+        config = config.model_copy(update={"model": model})
     return build_engine(config)[0]
 
 
 def start_engine_replicas(config: AptServeConfig, name_prefix: str = "aptserve-engine") -> list:
-    """`config.parallel.replicas` scheduler actors, each driving `tensor_parallel_size` worker actors.
-
-    The scheduler actors reserve no CPU (DESIGN §9): only the ranks that compute do. With the local
-    executor a replica runs its model inside the scheduler actor's process.
-    """
+    """`config.parallel.replicas` scheduler actors (created, or found if they already run), each
+    driving its own executor (`tensor_parallel_size` worker actors with the ray executor)."""
     ensure_ray()
     actor = ray.remote(EngineService)
-    handles = []
-    for index in range(config.parallel.replicas):
-        handles.append(
-            actor.options(name=f"{name_prefix}-{index}", num_cpus=0, max_concurrency=10_000).remote(
-                functools.partial(_engine_for, config)
-            )
-        )
+    handles = [
+        actor.options(
+            name=f"{name_prefix}-{index}", namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+            num_cpus=0, max_concurrency=10_000,
+        ).remote(_engine_for, config)
+        for index in range(config.parallel.replicas)
+    ]
     ray.get([h.health.remote() for h in handles])  # wait until every replica has built its engine
     return handles
+
+
+def find_engine_replicas(config: AptServeConfig, name_prefix: str = "aptserve-engine") -> list:
+    """The running replicas of `config` (missing ones are skipped)."""
+    handles = []
+    for index in range(config.parallel.replicas):
+        try:
+            handles.append(ray.get_actor(f"{name_prefix}-{index}", namespace=NAMESPACE))
+        except ValueError:
+            continue
+    return handles
+
+
+def stop_engine_replicas(handles: list) -> None:
+    """Stop each replica's loop and workers, then the actor."""
+    for handle in handles:
+        try:
+            ray.get(handle.shutdown.remote(), timeout=60)
+        finally:
+            ray.kill(handle)

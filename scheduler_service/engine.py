@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import time
@@ -14,6 +15,7 @@ from hybrid_cache.plan import CacheType, SamplingParams
 from hybrid_cache.timing import StepTimer
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.executor import Detokenizer, Executor, ExecutorFailed
+from scheduler_service.metrics import EngineMetrics
 from scheduler_service.output import append_token
 from scheduler_service.policies import allowed_cache_types, make_policy
 from scheduler_service.request import FinishReason, Request, RequestOutput, RequestStatus
@@ -46,6 +48,7 @@ class EngineStats:
     num_rejected: dict[str, int]  # requests refused by add_request, by reason: invalid or queue_full
     alpha: float  # seconds of K/V recompute per block of hidden history per step (measured or configured)
     recompute_fixed_seconds: float
+    metrics: EngineMetrics  # a copy: counters and latency histograms for Prometheus
 
 
 class QueueFull(RuntimeError):
@@ -93,6 +96,7 @@ class Engine:
         self.num_steps = self.num_preemptions = self.num_conversions = self.num_failed_steps = 0
         self.tokens_by_cache_type = {cache_type.value: 0 for cache_type in CacheType}
         self.num_rejected = {"invalid": 0, "queue_full": 0}
+        self.metrics = EngineMetrics()
         self.timer = StepTimer()
 
     # -- requests ------------------------------------------------------------------------------
@@ -203,6 +207,7 @@ class Engine:
         request.status = RequestStatus.ABORTED if ended_early else RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]
+        self.metrics.on_finish(request, self.clock())
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborted)
@@ -212,8 +217,10 @@ class Engine:
         """Run one iteration; return an output for every request that got a token or ended."""
         outputs = [self._output(r, []) for r in self._aborted]
         self._aborted = []
+        started = time.perf_counter()
         with self.timer.measure("scheduling"):
             step = self.scheduler.schedule(self.clock())
+        self.metrics.scheduler_iteration.observe(time.perf_counter() - started)
         self.num_preemptions += step.num_preempted
         self.num_conversions += step.num_converted
         if not step.requests:
@@ -232,6 +239,7 @@ class Engine:
         for request, token in zip(step.requests, tokens):
             self.tokens_by_cache_type[request.cache_type.value] += 1
             request.token_times.append(now)
+            self.metrics.on_token(request)
             reason = append_token(request, token, self.info.eos_token_ids, self.info.max_model_len, self.detokenizer)
             if reason is not None:
                 self._finish(request, reason)
@@ -288,6 +296,7 @@ class Engine:
             num_rejected=dict(self.num_rejected),
             alpha=self.alpha,
             recompute_fixed_seconds=self.info.cost.fixed_seconds,
+            metrics=copy.deepcopy(self.metrics),
         )
 
 

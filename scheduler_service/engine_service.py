@@ -28,8 +28,8 @@ class _Outbox:
 class EngineService:
     """Owns an `AsyncEngine` built by `build`; callers are told apart by a caller id."""
 
-    def __init__(self, build: Callable[[], Engine]) -> None:
-        self.engine = AsyncEngine(build())
+    def __init__(self, build: Callable[..., Engine], *args: object) -> None:
+        self.engine = AsyncEngine(build(*args))
         self._outboxes: dict[str, _Outbox] = {}
         self._tasks: dict[str, asyncio.Task] = {}
 
@@ -85,6 +85,10 @@ class EngineService:
 
     async def health(self) -> bool:
         return self.engine.healthy
+
+    async def model_info(self) -> dict[str, int]:
+        info = self.engine.engine.info
+        return {"max_model_len": info.max_model_len, "vocab_size": info.vocab_size}
 
     async def shutdown(self) -> None:
         self.engine.shutdown()

@@ -67,7 +67,7 @@ def test_service_in_process(tiny_models: dict[str, Path]) -> None:
 @pytest.mark.timeout(300)
 def test_two_replicas_as_ray_actors(tiny_models: dict[str, Path]) -> None:
     from cluster.engine_client import EngineClient
-    from cluster.ray_cluster import start_engine_replicas
+    from cluster.ray_cluster import start_engine_replicas, stop_engine_replicas
     from cluster.ray_runtime import ensure_ray
 
     ensure_ray(num_cpus=2)
@@ -96,18 +96,14 @@ def test_two_replicas_as_ray_actors(tiny_models: dict[str, Path]) -> None:
 
         asyncio.run(scenario())
     finally:
-        from cluster.ray_runtime import ray
-
-        for handle in handles:
-            ray.get(handle.shutdown.remote())
-            ray.kill(handle)
+        stop_engine_replicas(handles)
 
 
 @pytest.mark.timeout(300)
 def test_replica_driving_tensor_parallel_workers(tiny_models: dict[str, Path]) -> None:
     """The product's shape: a scheduler actor (no CPU) whose engine drives two TP worker actors."""
     from cluster.engine_client import EngineClient
-    from cluster.ray_cluster import start_engine_replicas
+    from cluster.ray_cluster import start_engine_replicas, stop_engine_replicas
     from cluster.ray_runtime import ensure_ray, ray
 
     ensure_ray(num_cpus=2)
@@ -125,5 +121,4 @@ def test_replica_driving_tensor_parallel_workers(tiny_models: dict[str, Path]) -
         stats = ray.get(handle.stats.remote())
         assert stats.cache.num_free == stats.cache.num_blocks == 64
     finally:
-        ray.get(handle.shutdown.remote())
-        ray.kill(handle)
+        stop_engine_replicas([handle])

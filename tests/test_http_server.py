@@ -15,7 +15,8 @@ import uvicorn
 
 from cluster.config import load_config
 from cluster.engine_builder import build_async_engine
-from cluster.http_server import build_app
+from cluster.gateways import LocalGateway
+from cluster.http_server import Frontend, build_app
 
 MODEL = "tiny-opt"
 
@@ -27,10 +28,11 @@ def server(tiny_opt_with_tokenizer: Path) -> Iterator[tuple[str, object]]:
         "scheduler.cache_mode": "hybrid", "server.served_model_name": MODEL,
     })
     engine, tokenizer, name = build_async_engine(config)
+    frontend = Frontend(LocalGateway(engine), tokenizer, name, config.server.request_timeout_s)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(build_app(engine, tokenizer, name), host="127.0.0.1", port=port,
+    uv = uvicorn.Server(uvicorn.Config(build_app(frontend), host="127.0.0.1", port=port,
                                        log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()

@@ -17,7 +17,7 @@ FORBIDDEN = {
 }
 # The command line is the outermost shell: `aptserve replay` starts a benchmark.
 ALLOWED = {"cluster/cli.py": {"bench"}}
-RAY_MODULES = {"cluster/executor_ray.py", "cluster/ray_cluster.py", "cluster/ray_runtime.py"}
+RAY_MODULES = {"cluster/executor_ray.py", "cluster/ray_cluster.py", "cluster/ray_runtime.py", "cluster/serve_app.py"}
 
 
 def imported_roots(path: Path) -> set[str]:

@@ -1,0 +1,106 @@
+"""One Prometheus page for every engine replica, rendered by the ingress from the replicas' stats.
+
+Engines keep plain counters and histograms (`scheduler_service/metrics.py`); a prometheus-client
+registry inside an actor would be invisible here, so the ingress asks each replica for its stats
+and renders them with `model` and `replica` labels (DESIGN §7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from scheduler_service.engine import EngineStats
+from scheduler_service.metrics import Histogram
+
+PREFIX = "aptserve:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# name → help, for every metric this page can hold (the dashboard and alert tests read this list).
+METRICS = {
+    "num_requests_running": "Requests holding cache blocks (running).",
+    "num_requests_waiting": "Requests waiting to be admitted (new or preempted).",
+    "kv_cache_usage_perc": "Fraction of cache blocks holding KV requests.",
+    "hidden_cache_usage_perc": "Fraction of cache blocks holding hidden-state (x) requests.",
+    "num_requests_by_cache_type": "Running requests by the cache type they hold.",
+    "cache_blocks_total": "Cache blocks of this replica.",
+    "recompute_seconds_per_block": "Alpha: seconds of K/V recompute per block of hidden history per step.",
+    "slo_attainment": "Share of finished requests that met their TTFT and P99 TBT SLOs.",
+    "num_preemptions_total": "Requests preempted (their cache freed, re-prefilled later).",
+    "num_conversions_total": "Hidden-to-KV conversions in place.",
+    "num_failed_steps_total": "Steps lost to a worker failure.",
+    "prompt_tokens_total": "Prompt tokens prefilled (counted at each request's first token).",
+    "generation_tokens_total": "Tokens generated.",
+    "generation_tokens_by_cache_type_total": "Tokens generated, by the cache type their request held.",
+    "request_success_total": "Requests ended, by finish reason (stop, length, abort, error).",
+    "requests_rejected_total": "Requests refused at admission, by reason (invalid, queue_full).",
+    "time_to_first_token_seconds": "Time from arrival to the first token.",
+    "inter_token_latency_seconds": "Time between consecutive tokens of a request.",
+    "e2e_request_latency_seconds": "Time from arrival to the last token of finished requests.",
+    "scheduler_iteration_seconds": "Scheduler time per engine iteration (policy and bookkeeping).",
+}
+
+
+def _histogram(name: str, labels: list[str], values: list[str], hist: Histogram, family: dict) -> None:
+    metric = family.setdefault(name, HistogramMetricFamily(PREFIX + name, METRICS[name], labels=labels))
+    buckets = [("+Inf" if bound == float("inf") else repr(bound), count) for bound, count in hist.cumulative()]
+    metric.add_metric(values, buckets, hist.sum)
+
+
+class _ReplicaCollector(Collector):
+    def __init__(self, model: str, replicas: Iterable[tuple[str, EngineStats]]) -> None:
+        self.model, self.replicas = model, list(replicas)
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+
+        def gauge(name: str, value: float, extra: dict[str, str] | None = None) -> None:
+            keys = ["model", "replica", *(extra or {})]
+            metric = families.setdefault(name, GaugeMetricFamily(PREFIX + name, METRICS[name], labels=keys))
+            metric.add_metric([self.model, replica, *(extra or {}).values()], value)
+
+        def counter(name: str, value: float, extra: dict[str, str] | None = None) -> None:
+            keys = ["model", "replica", *(extra or {})]
+            family = name.removesuffix("_total")
+            metric = families.setdefault(name, CounterMetricFamily(PREFIX + family, METRICS[name], labels=keys))
+            metric.add_metric([self.model, replica, *(extra or {}).values()], value)
+
+        for replica, stats in self.replicas:
+            cache, metrics = stats.cache, stats.metrics
+            gauge("num_requests_running", stats.num_running)
+            gauge("num_requests_waiting", stats.num_waiting)
+            gauge("kv_cache_usage_perc", cache.kv_blocks / cache.num_blocks)
+            gauge("hidden_cache_usage_perc", cache.hidden_blocks / cache.num_blocks)
+            gauge("num_requests_by_cache_type", cache.kv_requests, {"cache_type": "kv"})
+            gauge("num_requests_by_cache_type", cache.hidden_requests, {"cache_type": "hidden"})
+            gauge("cache_blocks_total", cache.num_blocks)
+            gauge("recompute_seconds_per_block", stats.alpha)
+            if metrics.slo_attainment is not None:
+                gauge("slo_attainment", metrics.slo_attainment)
+            counter("num_preemptions_total", stats.num_preemptions)
+            counter("num_conversions_total", stats.num_conversions)
+            counter("num_failed_steps_total", stats.num_failed_steps)
+            counter("prompt_tokens_total", metrics.prompt_tokens)
+            counter("generation_tokens_total", metrics.generation_tokens)
+            for cache_type, tokens in stats.tokens_by_cache_type.items():
+                counter("generation_tokens_by_cache_type_total", tokens, {"cache_type": cache_type})
+            for reason in ("stop", "length", "abort", "error"):
+                counter("request_success_total", metrics.request_success.get(reason, 0), {"finished_reason": reason})
+            for reason, count in stats.num_rejected.items():
+                counter("requests_rejected_total", count, {"reason": reason})
+            labels, values = ["model", "replica"], [self.model, replica]
+            _histogram("time_to_first_token_seconds", labels, values, metrics.time_to_first_token, families)
+            _histogram("inter_token_latency_seconds", labels, values, metrics.inter_token_latency, families)
+            _histogram("e2e_request_latency_seconds", labels, values, metrics.e2e_request_latency, families)
+            _histogram("scheduler_iteration_seconds", labels, values, metrics.scheduler_iteration, families)
+        yield from families.values()
+
+
+def render(model: str, replicas: Iterable[tuple[str, EngineStats]]) -> bytes:
+    """The Prometheus text page for these (replica name, stats) pairs."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ReplicaCollector(model, replicas))
+    return generate_latest(registry)

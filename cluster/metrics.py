@@ -26,9 +26,11 @@ METRICS = {
     "kv_cache_usage_perc": "Fraction of cache blocks holding KV requests.",
     "hidden_cache_usage_perc": "Fraction of cache blocks holding hidden-state (x) requests.",
     "num_requests_by_cache_type": "Running requests by the cache type they hold.",
-    "cache_blocks_total": "Cache blocks of this replica.",
+    "num_cache_blocks": "Cache blocks of this replica.",
     "recompute_seconds_per_block": "Alpha: seconds of K/V recompute per block of hidden history per step.",
-    "slo_attainment": "Share of finished requests that met their TTFT and P99 TBT SLOs.",
+    "slo_attainment": "Share of finished requests that met their TTFT and P99 TBT SLOs (NaN before any).",
+    "requests_slo_met_total": "Finished requests that met their TTFT and P99 TBT SLOs.",
+    "requests_slo_judged_total": "Finished requests (stop or length): the attainment's denominator.",
     "num_preemptions_total": "Requests preempted (their cache freed, re-prefilled later).",
     "num_conversions_total": "Hidden-to-KV conversions in place.",
     "num_failed_steps_total": "Steps lost to a worker failure.",
@@ -76,10 +78,12 @@ class _ReplicaCollector(Collector):
             gauge("hidden_cache_usage_perc", cache.hidden_blocks / cache.num_blocks)
             gauge("num_requests_by_cache_type", cache.kv_requests, {"cache_type": "kv"})
             gauge("num_requests_by_cache_type", cache.hidden_requests, {"cache_type": "hidden"})
-            gauge("cache_blocks_total", cache.num_blocks)
+            gauge("num_cache_blocks", cache.num_blocks)
             gauge("recompute_seconds_per_block", stats.alpha)
-            if metrics.slo_attainment is not None:
-                gauge("slo_attainment", metrics.slo_attainment)
+            attainment = metrics.slo_attainment
+            gauge("slo_attainment", float("nan") if attainment is None else attainment)
+            counter("requests_slo_met_total", metrics.slo_met)
+            counter("requests_slo_judged_total", metrics.slo_judged)
             counter("num_preemptions_total", stats.num_preemptions)
             counter("num_conversions_total", stats.num_conversions)
             counter("num_failed_steps_total", stats.num_failed_steps)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -21,12 +23,13 @@ from cluster.http_server import Frontend, build_app
 MODEL = "tiny-opt"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_opt_with_tokenizer: Path) -> Iterator[tuple[str, object]]:
+@contextlib.contextmanager
+def running_server(model: Path, **overrides: object) -> Iterator[tuple[str, object]]:
+    """The HTTP app over one in-process engine, served by uvicorn on a free loopback port."""
     config = load_config(overrides={
-        "model.path": str(tiny_opt_with_tokenizer), "cache.block_size": 4, "cache.num_blocks": 512,
+        "model.path": str(model), "cache.block_size": 4, "cache.num_blocks": 512,
         "scheduler.cache_mode": "hybrid", "server.served_model_name": MODEL,
-    })
+    } | overrides)
     engine, tokenizer, name = build_async_engine(config)
     frontend = Frontend(LocalGateway(engine), tokenizer, name, config.server.request_timeout_s)
     with socket.socket() as probe:
@@ -36,15 +39,22 @@ def server(tiny_opt_with_tokenizer: Path) -> Iterator[tuple[str, object]]:
                                        log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
-    base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while not uv.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert uv.started, "the server did not start"
-    yield base, engine
-    uv.should_exit = True
-    thread.join(timeout=10)
-    engine.shutdown()
+    try:
+        yield f"http://127.0.0.1:{port}", engine
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_opt_with_tokenizer: Path) -> Iterator[tuple[str, object]]:
+    with running_server(tiny_opt_with_tokenizer) as running:
+        yield running
 
 
 def wait_idle(engine, timeout: float = 10.0) -> None:
@@ -154,3 +164,36 @@ def test_disconnect_aborts_and_frees_blocks(server) -> None:
     # The server still serves.
     assert httpx.post(f"{base}/v1/completions", json=COMPLETION, timeout=60).status_code == 200
     wait_idle(engine)
+
+
+def test_full_queue_answers_503_with_retry_after(tiny_opt_with_tokenizer: Path) -> None:
+    # Room for one request at a time and two waiting: a burst of 12 overflows the queue.
+    with running_server(tiny_opt_with_tokenizer, **{"cache.num_blocks": 16, "scheduler.max_waiting": 2}) as (
+        base, engine
+    ):
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                body = COMPLETION | {"max_tokens": 30, "ignore_eos": True}
+                return list(await asyncio.gather(*(client.post(f"{base}/v1/completions", json=body)
+                                                   for _ in range(12))))
+
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) == {200, 503} and codes.count(200) >= 3, codes
+        for rejected in (r for r in responses if r.status_code == 503):
+            assert rejected.headers["retry-after"] == "1"
+            assert rejected.json()["error"]["type"] == "overloaded_error"
+        wait_idle(engine)
+        assert engine.stats().num_rejected["queue_full"] == codes.count(503)
+
+
+def test_request_timeout_aborts(tiny_opt_with_tokenizer: Path) -> None:
+    with running_server(tiny_opt_with_tokenizer, **{"server.request_timeout_s": 0.3}) as (base, engine):
+        long = COMPLETION | {"max_tokens": 480, "ignore_eos": True}
+        response = httpx.post(f"{base}/v1/completions", json=long, timeout=60)
+        assert response.status_code == 504 and response.json()["error"]["type"] == "timeout_error"
+        with httpx.stream("POST", f"{base}/v1/completions", json=long | {"stream": True}, timeout=60) as stream:
+            events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["code"] == 504
+        wait_idle(engine)
+        assert engine.stats().metrics.request_success.get("abort", 0) == 2

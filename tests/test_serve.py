@@ -215,3 +215,19 @@ def test_api_fuzz_never_fails_on_bad_input(server: Server) -> None:
 def test_still_healthy_and_empty_after_fuzzing(server: Server) -> None:
     assert httpx.get(f"{server.base}/health", timeout=10).status_code == 200
     server.wait_idle()
+
+
+def test_app_builder_takes_deployment_arguments(tiny_opt_with_tokenizer: Path) -> None:
+    """What a KubeRay serveConfigV2 passes (import path `cluster.serve_app:app_builder`)."""
+    from cluster.serve_app import app_builder
+
+    app = app_builder({"model": str(tiny_opt_with_tokenizer), "tensor_parallel_size": 2, "replicas": 3,
+                       "policy": "apt", "cache_mode": "hybrid", "ttft_slo_s": 2.5, "tbt_slo_s": 0.2,
+                       "set": {"server.max_ongoing_requests": 64}})
+    config = AptServeConfig.model_validate(app._bound_deployment.init_args[0])
+    assert config.parallel.tensor_parallel_size == 2 and config.parallel.executor == "ray"
+    assert config.parallel.replicas == 3 and config.scheduler.policy == "apt"
+    assert (config.scheduler.ttft_slo_s, config.scheduler.tbt_slo_s) == (2.5, 0.2)
+    assert app._bound_deployment._deployment_config.max_ongoing_requests == 64
+    with pytest.raises(ValueError, match="unknown app_builder arguments: colour"):
+        app_builder({"colour": "blue"})

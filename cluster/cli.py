@@ -21,7 +21,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     for flag, key in (("model", "model.path"), ("dtype", "model.dtype"), ("cache", "scheduler.cache_mode"),
                       ("policy", "scheduler.policy"), ("num_blocks", "cache.num_blocks"),
                       ("host", "server.host"), ("port", "server.port"), ("tp", "parallel.tensor_parallel_size"),
-                      ("executor", "parallel.executor")):
+                      ("executor", "parallel.executor"), ("replicas", "parallel.replicas")):
         value = getattr(args, flag, None)
         if value is not None:
             pairs[key] = str(value)
@@ -40,6 +40,7 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", type=int, help="cache blocks (cache.num_blocks)")
     parser.add_argument("--tp", type=int, help="tensor-parallel ranks (parallel.tensor_parallel_size; >1 uses Ray)")
     parser.add_argument("--executor", choices=["local", "ray"], help="where the model runs (parallel.executor)")
+    parser.add_argument("--replicas", type=int, help="engine replicas when serving (parallel.replicas)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

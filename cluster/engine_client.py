@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from hybrid_cache.plan import CacheType, SamplingParams
+from scheduler_service.async_engine import outputs_from
 from scheduler_service.engine import EngineStats
 from scheduler_service.request import RequestOutput
 
@@ -65,19 +66,11 @@ class EngineClient:
                     queue.put_nowait(item)
 
     async def _outputs(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
         try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
+            async for output in outputs_from(queue, abandoned=lambda: self.handle.abort.remote(request_id)):
+                yield output
         finally:
             self._streams.pop(request_id, None)
-            if not finished:
-                await self.handle.abort.remote(request_id)
 
     async def abort(self, request_id: str) -> None:
         await self.handle.abort.remote(request_id)

@@ -8,9 +8,10 @@ between steps, and each step's outputs reach each request's asyncio queue in one
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from hybrid_cache.plan import CacheType, SamplingParams
@@ -38,6 +39,27 @@ class _Add:
     cache_type: CacheType | None
     ttft_slo_s: float | None
     tbt_slo_s: float | None
+
+
+async def outputs_from(
+    queue: asyncio.Queue, abandoned: Callable[[], object]
+) -> AsyncIterator[RequestOutput]:
+    """A request's stream: outputs from `queue` until the finished one; an exception in the queue is
+    raised. If the consumer stops early, `abandoned()` is called (awaited if it returns an awaitable)."""
+    finished = False
+    try:
+        while not finished:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                finished = True
+                raise item
+            finished = item.finished
+            yield item
+    finally:
+        if not finished:
+            result = abandoned()
+            if inspect.isawaitable(result):
+                await result
 
 
 class AsyncEngine:
@@ -136,18 +158,8 @@ class AsyncEngine:
         return self._outputs(request_id, queue)
 
     async def _outputs(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
+        async for output in outputs_from(queue, abandoned=lambda: self.abort(request_id)):
+            yield output
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it already ended); its stream gets no more outputs."""

@@ -127,7 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("convert-model", help="convert the packaged SmolLM2 GGUF to safetensors", add_help=False)
     sub.add_parser("replay", help="replay a seeded trace in-process and measure SLO attainment", add_help=False)
+    sub.add_parser("bench", help="effective throughput of serving systems side by side (e.g. vs vLLM)",
+                   add_help=False)
     return parser
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from bench.serve_bench import main as bench_main
+
+    return bench_main(argv) or 0
 
 
 def cmd_replay(argv: list[str]) -> int:
@@ -138,7 +146,8 @@ def cmd_replay(argv: list[str]) -> int:
 
 
 # Subcommands whose arguments belong to another module's own parser.
-PASSTHROUGH = {"make-dummy": cmd_make_dummy, "convert-model": cmd_convert_model, "replay": cmd_replay}
+PASSTHROUGH = {"make-dummy": cmd_make_dummy, "convert-model": cmd_convert_model, "replay": cmd_replay,
+               "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

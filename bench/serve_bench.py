@@ -81,14 +81,21 @@ def _environment(system: System, threads: int) -> dict[str, str]:
     return env
 
 
-def _check_free(*ports: int) -> None:
-    """Refuse to start when a port is taken: a leftover server would answer in place of the new one."""
+def _check_free(*ports: int, wait_s: float = 60.0) -> None:
+    """Refuse to start while a port has a listener (waiting up to `wait_s` for the previous server to
+    let go): a leftover server would answer in place of the new one."""
+    deadline = time.monotonic() + wait_s
     for port in ports:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError as err:
-                raise RuntimeError(f"port {port} is in use (a leftover server?): {err}") from err
+        while True:
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a listener
+                try:
+                    probe.bind(("127.0.0.1", port))
+                    break
+                except OSError as err:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"port {port} is in use (a leftover server?): {err}") from err
+            time.sleep(1)
 
 
 def _wait_healthy(base: str, process: subprocess.Popen, timeout_s: float) -> None:

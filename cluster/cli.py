@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 from cluster.config import DEFAULT_CONFIG, load_config
 
@@ -71,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cluster.serve_app import start_serving, stop_serving
 
     config = load_config(args.config, _overrides(args))
-    name = config.server.served_model_name or Path(config.model.path).name
+    name = config.model_name
     start_serving(config)
     host, port, grpc_port = config.server.host, config.server.port, config.server.grpc_port
     base = f"http://{host}:{port}"

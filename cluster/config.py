@@ -57,6 +57,11 @@ class AptServeConfig(BaseModel):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
+    @property
+    def model_name(self) -> str:
+        """The name clients use: `server.served_model_name`, else the model directory's name."""
+        return self.server.served_model_name or Path(self.model.path).name
+
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")

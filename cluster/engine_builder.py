@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cluster.config import AptServeConfig
 from cluster.executor_local import LocalExecutor
 from cluster.tokenizer import Tokenizer
@@ -42,5 +40,5 @@ def build_async_engine(config: AptServeConfig) -> tuple[AsyncEngine, Tokenizer, 
     engine, tokenizer = build_engine(config)
     if tokenizer is None:
         raise ValueError(f"{config.model.path} has no tokenizer: serving needs one")
-    name = config.server.served_model_name or Path(config.model.path).name
+    name = config.model_name
     return AsyncEngine(engine), tokenizer, name

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -45,7 +44,7 @@ class AptServeIngress:
         info = ray.get(handles[0].model_info.remote())
         router = ReplicaRouter([EngineClient(h) for h in handles], info["max_model_len"], info["vocab_size"])
         self.tokenizer = Tokenizer(self.config.model.path)
-        self.model_name = self.config.server.served_model_name or _dir_name(self.config.model.path)
+        self.model_name = self.config.model_name
         self.frontend = Frontend(router, self.tokenizer, self.model_name, self.config.server.request_timeout_s)
         install_frontend(self.frontend)
 
@@ -123,10 +122,6 @@ def _fail(context: RayServegRPCContext, code: grpc.StatusCode, message: str) -> 
     context.set_code(code)
     context.set_details(message)
     raise GrpcRequestError(message)
-
-
-def _dir_name(path: str) -> str:
-    return Path(path).name
 
 
 def build_application(config: AptServeConfig) -> serve.Application:

@@ -39,7 +39,7 @@ class Gateway(Protocol):
 
 
 class LocalGateway:
-    """One `AsyncEngine` in this process (tests, `aptserve serve --executor local --no-ray`)."""
+    """One `AsyncEngine` in this process: the HTTP routes under uvicorn, without Ray (the tests)."""
 
     num_replicas = 1
 

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP front end (FastAPI) over a `Gateway`: one engine, or Ray replicas.
 
-The same app runs under uvicorn in-process (`serve_local`, tests) and as the Ray Serve ingress
+The same app runs under uvicorn over an in-process engine (tests) and as the Ray Serve ingress
 (`cluster/serve_app.py`). What it serves comes from `app.state.frontend`, set once at start-up.
 """
 

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP front end (FastAPI) over a `Gateway`: one engine, or Ray replicas.
 
 The same app runs under uvicorn over an in-process engine (tests) and as the Ray Serve ingress
-(`cluster/serve_app.py`). What it serves comes from `app.state.frontend`, set once at start-up.
+(`cluster/serve_app.py`). What it serves is the `Frontend` given to `build_app`, or the one a Serve replica installs.
 """
 
 from __future__ import annotations

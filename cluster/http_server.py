@@ -18,10 +18,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cluster import metrics
+from cluster.engine_client import RemoteRequestError
 from cluster.gateways import Gateway
 from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.tokenizer import Tokenizer
 from hybrid_cache.layout import HiddenCacheUnavailable
+from scheduler_service.async_engine import EngineDeadError
 from scheduler_service.engine import QueueFull
 from scheduler_service.request import RequestOutput
 
@@ -189,17 +191,23 @@ class RequestTimeout(Exception):
 
 
 async def _with_deadline(stream: AsyncIterator[RequestOutput], timeout_s: float) -> AsyncIterator[RequestOutput]:
-    """`stream`, ended (and its request aborted, by closing it) once `timeout_s` have passed."""
+    """`stream`, ended (and its request aborted, by closing it) once `timeout_s` have passed; an engine
+    that failed under it becomes a 503 `OpenAIError`.
+
+    Each output is awaited in this task (no helper task), so a cancelled consumer can close `stream`.
+    """
     deadline = asyncio.get_running_loop().time() + timeout_s
     try:
         while True:
-            left = deadline - asyncio.get_running_loop().time()
             try:
-                output = await asyncio.wait_for(anext(stream), max(left, 0.0))
+                async with asyncio.timeout_at(deadline):
+                    output = await anext(stream)
             except StopAsyncIteration:
                 return
             except TimeoutError:
                 raise RequestTimeout(f"the request took longer than {timeout_s:g} s and was aborted") from None
+            except (EngineDeadError, RemoteRequestError) as err:
+                raise OpenAIError(503, str(err), kind="server_error", headers={"Retry-After": "1"}) from err
             yield output
     finally:
         await stream.aclose()  # type: ignore[attr-defined]  # aborts the request if it has not ended

@@ -20,7 +20,7 @@ from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import RayServegRPCContext
 
 from cluster.config import AptServeConfig, load_config
-from cluster.engine_client import EngineClient
+from cluster.engine_client import EngineClient, RemoteRequestError
 from cluster.gateways import ReplicaRouter
 from cluster.grpc_gen import aptserve_pb2 as pb
 from cluster.http_server import Frontend, build_app, install_frontend
@@ -28,6 +28,7 @@ from cluster.ray_cluster import find_engine_replicas, start_engine_replicas, sto
 from cluster.ray_runtime import ensure_ray
 from cluster.tokenizer import Tokenizer
 from hybrid_cache.plan import SamplingParams
+from scheduler_service.async_engine import EngineDeadError
 from scheduler_service.engine import QueueFull
 
 GRPC_SERVICER = "cluster.grpc_gen.aptserve_pb2_grpc.add_AptServeServicer_to_server"
@@ -67,15 +68,18 @@ class AptServeIngress:
         except ValueError as err:
             _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         sent = 0
-        async for output in stream:
-            if output.finish_reason == "error":
-                _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, output.error or "the model workers failed")
-            delta, sent = output.text[sent:], len(output.text)
-            yield pb.GenerateResponse(
-                request_id=request_id, new_token_ids=output.new_token_ids, text_delta=delta,
-                finished=output.finished, finish_reason=output.finish_reason or "",
-                prompt_tokens=len(output.prompt_token_ids), completion_tokens=len(output.token_ids),
-            )
+        try:
+            async for output in stream:
+                if output.finish_reason == "error":
+                    _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, output.error or "the model workers failed")
+                delta, sent = output.text[sent:], len(output.text)
+                yield pb.GenerateResponse(
+                    request_id=request_id, new_token_ids=output.new_token_ids, text_delta=delta,
+                    finished=output.finished, finish_reason=output.finish_reason or "",
+                    prompt_tokens=len(output.prompt_token_ids), completion_tokens=len(output.token_ids),
+                )
+        except (EngineDeadError, RemoteRequestError) as err:
+            _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, str(err))
 
     def _grpc_request(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
         if request.model != self.model_name:

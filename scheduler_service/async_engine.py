@@ -8,7 +8,6 @@ between steps, and each step's outputs reach each request's asyncio queue in one
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -41,11 +40,10 @@ class _Add:
     tbt_slo_s: float | None
 
 
-async def outputs_from(
-    queue: asyncio.Queue, abandoned: Callable[[], object]
-) -> AsyncIterator[RequestOutput]:
+async def outputs_from(queue: asyncio.Queue, abandoned: Callable[[], None]) -> AsyncIterator[RequestOutput]:
     """A request's stream: outputs from `queue` until the finished one; an exception in the queue is
-    raised. If the consumer stops early, `abandoned()` is called (awaited if it returns an awaitable)."""
+    raised. If the consumer stops early, `abandoned()` is called: synchronously, because a consumer
+    that stops on cancellation may not await anything more."""
     finished = False
     try:
         while not finished:
@@ -57,9 +55,7 @@ async def outputs_from(
             yield item
     finally:
         if not finished:
-            result = abandoned()
-            if inspect.isawaitable(result):
-                await result
+            abandoned()
 
 
 class AsyncEngine:

@@ -122,3 +122,44 @@ def test_replica_driving_tensor_parallel_workers(tiny_models: dict[str, Path]) -
         assert stats.cache.num_free == stats.cache.num_blocks == 64
     finally:
         stop_engine_replicas([handle])
+
+
+class _Method:
+    """A stand-in for a Ray actor method: `.remote(...)` runs `fn` and returns an awaitable."""
+
+    def __init__(self, fn) -> None:  # noqa: ANN001 - any async function
+        self.fn = fn
+
+    def remote(self, *args: object):  # noqa: ANN201 - a coroutine wrapped in a future
+        return asyncio.ensure_future(self.fn(*args))
+
+
+def test_client_streams_end_when_polling_fails() -> None:
+    """If the replica cannot be polled (it died, or the call was cancelled), every open stream ends with
+    an error and its request is aborted, instead of waiting for outputs that never come."""
+    from cluster.engine_client import EngineClient, RemoteRequestError
+
+    aborted: list[str] = []
+
+    async def add_request(*_: object) -> None:
+        return None
+
+    async def poll(*_: object) -> list:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("the actor died")
+
+    async def abort(request_id: str) -> None:
+        aborted.append(request_id)
+
+    handle = type("Handle", (), {"add_request": _Method(add_request), "poll": _Method(poll), "abort": _Method(abort)})
+
+    async def scenario() -> None:
+        client = EngineClient(handle(), poll_timeout_s=0.1)
+        streams = [await client.generate([1, 2], GREEDY, f"r{i}") for i in range(3)]
+        for stream in streams:
+            with pytest.raises(RemoteRequestError, match="the actor died"):
+                await asyncio.wait_for(collect(stream), timeout=10)
+        await asyncio.sleep(0)  # let the submitted aborts run
+        assert sorted(aborted) == ["r0", "r1", "r2"] and not client._streams
+
+    asyncio.run(scenario())

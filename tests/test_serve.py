@@ -7,7 +7,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -151,7 +151,7 @@ def test_hundred_streams_thirty_dropped(server: Server) -> None:
                 events += 1
                 if i % 10 < 3 and events >= 3:
                     return "dropped"  # leaving the block closes the connection half-way
-                assert json.loads(line[6:])["choices"][0]["finish_reason"] in (None, "length")
+                assert json.loads(line[6:]).get("choices", [{}])[0].get("finish_reason", "?") in (None, "length"), line
         return "cut"
 
     async def run() -> list[str]:
@@ -168,6 +168,40 @@ def test_hundred_streams_thirty_dropped(server: Server) -> None:
     finished = 'aptserve:request_success_total{' + labels.format("length") + "}"
     assert after[finished] - before.get(finished, 0) >= 70
     assert after[aborted] - before.get(aborted, 0) >= 30 - 3  # a dropped stream may finish first
+
+
+def test_dropping_the_first_stream_leaves_the_others_running(server: Server) -> None:
+    """Regression: the stream that started the ingress's output poller disconnects while another
+    streams. Ray cancels the calls a cancelled request submitted; the poller must not be one of them."""
+    def body(prompt: str, max_tokens: int) -> dict:
+        return {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+
+    async def after_first_event(response: httpx.Response) -> AsyncIterator[str]:
+        lines = (line async for line in response.aiter_lines() if line.startswith("data: "))
+        await anext(lines)
+        return lines
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            url = f"{server.base}/v1/completions"
+            first = await client.send(client.build_request("POST", url, json=body("First", 200)), stream=True)
+            kept = await after_first_event(first)  # this request started the poller; keep it open
+            second = await client.send(client.build_request("POST", url, json=body("Second", 40)), stream=True)
+            rest = await after_first_event(second)
+            await kept.aclose()
+            await first.aclose()  # disconnect the first stream half-way
+            try:
+                return [line async for line in rest]
+            finally:
+                await second.aclose()
+
+    server.wait_idle()
+    time.sleep(1.5)  # longer than the ingress's poll timeout: the idle poller has ended
+    events = asyncio.run(run())
+    assert events[-1] == "data: [DONE]", events[-2:]
+    assert all("choices" in json.loads(line[6:]) for line in events[:-1]), events[-2]
+    server.wait_idle()
 
 
 def test_metrics_expose_every_name_and_move(server: Server) -> None:

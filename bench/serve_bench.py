@@ -1,13 +1,16 @@
 """`aptserve bench`: effective throughput of several serving systems on one trace, side by side.
 
     aptserve bench --systems aptserve:apt/hybrid,aptserve:fcfs/kv,vllm --model DIR --dataset sharegpt \\
-        --cv 1 --ttft-slo 5 --tbt-slo 1 --rates 0.2:2 --num-blocks 64 --out results/bench/NAME
+        --cv 1 --ttft-slo 5 --tbt-slo 1 --rates 0.5,1,2 --num-blocks 64 --out results/bench/NAME
 
 Systems run one after another, never at once. Each is started as its own server on 127.0.0.1 with the
-same checkpoint, block size, block budget, `max_num_seqs` and threads, warmed up, and probed at rates
-chosen by bisection over the same seeded trace family (DESIGN §8). The results folder gets per-request
-JSON for every probe, `summary.json` (effective throughput and attainment at every rate, with the
-settings), `table.md` and plots (attainment vs rate; TTFT CDF at one rate).
+same checkpoint, block size, block budget, `max_num_seqs` and threads, warmed up, and probed over the
+same seeded trace family (DESIGN §8): at fixed rates (`--rates 0.5,1,2`: every system at every rate)
+or at rates chosen by bisection (`--rates LOW:HIGH`). `--unloaded N` first times N requests sent one at
+a time (the unloaded TTFT and TPOT that SLOs are stated against); `--calibrate` stops there. Before a
+server stops, its `/metrics` page is saved (block counts, hidden-cache share, preemptions). The
+results folder gets per-request JSON for every probe, `summary.json` (effective throughput and
+attainment at every rate, with the settings), `table.md` and plots (attainment vs rate; TTFT CDF).
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from pathlib import Path
 
 import httpx
 
+from bench.bench_plots import plot_attainment, plot_ttft_cdf
 from bench.datasets import load_samples
 from bench.load_client import run_trace
-from bench.slo_metrics import SLO, bisect_rate, effective_throughput, summarize
+from bench.slo_metrics import SLO, RequestRecord, bisect_rate, effective_throughput, percentile, summarize
 from bench.traces import arrival_times
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,6 +73,8 @@ class System:
         for key, value in sets.items():
             if value is not None:
                 command += ["--set", f"{key}={value}"]
+        for extra in args.set:
+            command += ["--set", extra]
         return command
 
 
@@ -135,11 +141,19 @@ def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, 
             print(f"{system.spec} @ {rate:.3g} req/s: attainment {summary['attainment']:.3f}", flush=True)
             return summary["attainment"]
 
-        low, high = args.rates
-        _, attainment = bisect_rate(probe, low, high, target=0.9, iterations=args.iterations)
-        return {"effective_throughput_rps": effective_throughput(attainment) or 0.0,
-                "attainment_by_rate": dict(sorted(attainment.items())), "probes": probes,
-                "command": " ".join(system.command(args, port))}
+        result: dict = {"command": " ".join(system.command(args, port))}
+        if args.unloaded:
+            result["unloaded"] = unloaded_latency(base, samples[: args.unloaded])
+            print(f"{system.spec} unloaded: {result['unloaded']}", flush=True)
+        if not args.calibrate:
+            if isinstance(args.rates, tuple):
+                _, attainment = bisect_rate(probe, *args.rates, target=0.9, iterations=args.iterations)
+            else:
+                attainment = {rate: probe(rate) for rate in args.rates}
+            result |= {"effective_throughput_rps": effective_throughput(attainment) or 0.0,
+                       "attainment_by_rate": dict(sorted(attainment.items())), "probes": probes}
+        result["server_metrics"] = scrape_metrics(base, out / f"{system.name}-metrics.txt")
+        return result
     finally:
         process.send_signal(2)  # SIGINT: a clean shutdown (Serve, engines, Ray)
         try:
@@ -149,23 +163,59 @@ def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, 
         log.close()
 
 
-def plot(results: dict, out: Path) -> None:
-    import matplotlib
+def unloaded_latency(base: str, samples, model: str = "bench") -> dict[str, float | None]:  # noqa: ANN001
+    """Median TTFT and TPOT of `samples` sent one at a time (each alone on the server)."""
+    records: list[RequestRecord] = []
+    for sample in samples:
+        records += asyncio.run(run_trace(base, model, [sample], [0.0], grace_s=300, desc="unloaded"))
+    good = [r for r in records if r.ok]
+    return {"requests": len(records), "ttft_p50_s": percentile([r.ttft for r in good], 50),
+            "tpot_p50_s": percentile([t for t in (r.tpot for r in good) if t is not None], 50)}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, result in results.items():
-        rates = sorted(float(r) for r in result["attainment_by_rate"])
-        ax.plot(rates, [result["attainment_by_rate"][r] for r in rates], marker="o", label=name)
-    ax.axhline(0.9, color="grey", linestyle="--", linewidth=1)
-    ax.set_xlabel("request rate (req/s)")
-    ax.set_ylabel("SLO attainment")
-    ax.set_ylim(0, 1.02)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "attainment.png", dpi=120)
+# What each system's /metrics says about the run, summed over its label sets (warm-up included).
+SERVER_COUNTERS = {
+    "num_cache_blocks": "aptserve:num_cache_blocks",
+    "preemptions": "aptserve:num_preemptions_total",
+    "conversions": "aptserve:num_conversions_total",
+    "generation_tokens": "aptserve:generation_tokens_total",
+    "vllm_preemptions": "vllm:num_preemptions_total",
+    "vllm_generation_tokens": "vllm:generation_tokens_total",
+}
+
+
+def scrape_metrics(base: str, path: Path) -> dict[str, float]:
+    """Save the server's /metrics page to `path` and pick out block counts, preemptions and tokens
+    (the hidden-cache share of generated tokens for ours; the cache blocks vLLM allocated for vLLM)."""
+    try:
+        text = httpx.get(f"{base}/metrics", timeout=30).text
+    except httpx.HTTPError as err:
+        return {"error": str(err)}  # type: ignore[dict-item]
+    path.write_text(text)
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        name = sample.split("{", 1)[0]
+        for key, wanted in SERVER_COUNTERS.items():
+            if name == wanted:
+                found[key] = found.get(key, 0.0) + float(value)
+        if name == "aptserve:generation_tokens_by_cache_type_total" and 'cache_type="hidden"' in sample:
+            found["hidden_generation_tokens"] = found.get("hidden_generation_tokens", 0.0) + float(value)
+        if name == "vllm:cache_config_info" and 'num_gpu_blocks="' in sample:
+            found["num_cache_blocks"] = float(sample.split('num_gpu_blocks="', 1)[1].split('"', 1)[0])
+    if found.get("generation_tokens"):
+        found["hidden_token_share"] = found.get("hidden_generation_tokens", 0.0) / found["generation_tokens"]
+    return found
+
+
+def parse_rates(text: str) -> tuple[float, float] | list[float]:
+    """`LOW:HIGH` (bisection bounds) or `R1,R2,...` (fixed rates, probed in increasing order)."""
+    if ":" in text:
+        low, high = (float(x) for x in text.split(":"))
+        return low, high
+    return sorted(float(x) for x in text.split(","))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cv", type=float, default=1.0)
     parser.add_argument("--ttft-slo", type=float, required=True, help="seconds")
     parser.add_argument("--tbt-slo", type=float, required=True, help="seconds")
-    parser.add_argument("--rates", required=True, help="LOW:HIGH, req/s: the bisection's bounds")
+    parser.add_argument("--rates", required=True,
+                        help="req/s: LOW:HIGH (the bisection's bounds) or R1,R2,... (fixed, for every system)")
     parser.add_argument("--iterations", type=int, default=4, help="bisection steps after the two bounds")
     parser.add_argument("--requests", type=int, default=200, help="requests per probe")
     parser.add_argument("--grace", type=float, default=60.0, help="seconds after the last arrival per probe")
@@ -193,9 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--start-timeout", type=float, default=300.0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for our servers (repeatable), e.g. cache.recompute_chunk_tokens=256")
+    parser.add_argument("--unloaded", type=int, default=0, help="first time N requests sent one at a time")
+    parser.add_argument("--calibrate", action="store_true", help="only the unloaded timing (needs --unloaded)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    args.rates = tuple(float(x) for x in args.rates.split(":"))
+    args.rates = parse_rates(args.rates)
     args.out.mkdir(parents=True, exist_ok=True)
 
     from transformers import AutoTokenizer
@@ -213,13 +268,26 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"settings": settings, "git_commit": commit, "slo": asdict(slo),
                "systems": {k: {kk: vv for kk, vv in v.items() if kk != "probes"} for k, v in results.items()}}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = ["| system | effective throughput (req/s) | attainment by rate |", "| --- | ---: | --- |"]
+    lines = ["| system | effective throughput (req/s) | attainment by rate | unloaded TTFT / TPOT p50 |",
+             "| --- | ---: | --- | --- |"]
     for name, result in results.items():
-        by_rate = ", ".join(f"{r:.3g}: {a:.2f}" for r, a in result["attainment_by_rate"].items())
-        lines.append(f"| {name} | {result['effective_throughput_rps']:.3g} | {by_rate} |")
+        by_rate = ", ".join(f"{r:.3g}: {a:.2f}" for r, a in result.get("attainment_by_rate", {}).items())
+        unloaded = result.get("unloaded") or {}
+        timing = (f"{unloaded['ttft_p50_s']:.3f} s / {1000 * unloaded['tpot_p50_s']:.1f} ms"
+                  if unloaded.get("ttft_p50_s") and unloaded.get("tpot_p50_s") else "")
+        effective = result.get("effective_throughput_rps")
+        lines.append(f"| {name} | {'' if effective is None else f'{effective:.3g}'} | {by_rate} | {timing} |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(results, args.out)
+    if not args.calibrate:
+        plot_attainment(results, args.out)
+        common = set.intersection(*(set(r["attainment_by_rate"]) for r in results.values()))
+        if common:
+            rate = max(common)
+            ttfts = {name: [RequestRecord(**rec).ttft for rec in json.loads(
+                (args.out / f"{System(name).name}-rate{rate:.4g}.json").read_text())["records"]]
+                for name in results}
+            plot_ttft_cdf(ttfts, rate, args.ttft_slo, args.out)
     return 0
 
 

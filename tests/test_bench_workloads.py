@@ -300,3 +300,10 @@ def test_bisect_rate_finds_threshold():
 def test_modules_need_no_model(tmp_path: Path):
     # Guard: nothing here reads a model directory; the tokenizer is any callable.
     assert load_samples("synthetic:4:4", lambda s: list(range(len(s.split()))), 1, seed=0)[0].prompt_len == 4
+
+
+def test_bench_rates_are_bounds_or_a_list():
+    from bench.serve_bench import parse_rates
+
+    assert parse_rates("0.5:2") == (0.5, 2.0)
+    assert parse_rates("2,0.5,1") == [0.5, 1.0, 2.0]

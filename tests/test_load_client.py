@@ -10,6 +10,7 @@ from test_http_server import MODEL, running_server, wait_idle
 
 from bench.datasets import Sample
 from bench.load_client import run_trace
+from bench.serve_bench import scrape_metrics, unloaded_latency
 from bench.slo_metrics import SLO, summarize
 
 
@@ -34,3 +35,16 @@ def test_unfinished_requests_are_cut_and_missed(tiny_opt_with_tokenizer: Path) -
         wait_idle(engine)  # the cancelled stream aborted its request and freed its blocks
     assert not records[0].finished and records[0].error == "unfinished at the end of the probe"
     assert summarize(records, SLO(ttft_s=30, tbt_s=30), duration_s=1.0)["attainment"] == 0.0
+
+
+def test_bench_times_unloaded_requests_and_reads_server_metrics(tiny_opt_with_tokenizer: Path, tmp_path: Path) -> None:
+    samples = [Sample("Once upon a time", 4, 6), Sample("Hello there", 3, 9)]
+    with running_server(tiny_opt_with_tokenizer) as (base, engine):
+        unloaded = unloaded_latency(base, samples, model=MODEL)
+        wait_idle(engine)
+        found = scrape_metrics(base, tmp_path / "metrics.txt")
+        num_blocks = engine.stats().cache.num_blocks
+    assert unloaded["requests"] == 2 and 0 < unloaded["ttft_p50_s"] < 30 and 0 < unloaded["tpot_p50_s"] < 30
+    assert found["num_cache_blocks"] == num_blocks and found["generation_tokens"] == 6 + 9
+    assert found["hidden_token_share"] == found.get("hidden_generation_tokens", 0.0) / 15
+    assert "aptserve:num_preemptions_total" in (tmp_path / "metrics.txt").read_text()

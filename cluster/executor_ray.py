@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import ray
@@ -50,11 +51,14 @@ class RayExecutor:
     def _start(self) -> None:
         gpu = self.model.device.startswith("cuda")
         bundle = {"GPU": 1.0} if gpu else {"CPU": self.cpus_per_worker}
-        self.group = placement_group([dict(bundle) for _ in range(self.tp_size)], strategy="PACK")
+        # One node for the whole group: the ranks meet through a file and talk over loopback.
+        self.group = placement_group([dict(bundle) for _ in range(self.tp_size)], strategy="STRICT_PACK")
         ray.get(self.group.ready(), timeout=self.step_timeout_s)
         actor = ray.remote(RankWorker)
-        # A fresh rendezvous file per group (the ranks share this node's file system).
-        rendezvous = str(Path(tempfile.mkdtemp(prefix="aptserve-tp-")) / "rendezvous")
+        # A fresh rendezvous path per group. The ranks share their node's file system, which may not be
+        # this actor's (a scheduler actor reserves no resources and can run on another node, e.g. the
+        # KubeRay head): each rank creates the directory where it runs.
+        rendezvous = str(Path(tempfile.gettempdir()) / f"aptserve-tp-{uuid.uuid4().hex}" / "rendezvous")
         # Threads: Ray may set OMP_NUM_THREADS from the bundle; the model config's count wins, explicitly.
         model = self.model
         if model.num_threads is None and not gpu:

@@ -61,6 +61,7 @@ def init_tensor_parallel(
     # gloo picks its interface from the host name unless told: keep it on loopback (DESIGN §9).
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # also set by `cluster` for every Ray process
     backend = "nccl" if device.type == "cuda" else "gloo"
+    os.makedirs(os.path.dirname(rendezvous_file), exist_ok=True)  # on this rank's node (see RayExecutor)
     dist.init_process_group(
         backend,
         init_method=f"file://{rendezvous_file}",

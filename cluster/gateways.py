@@ -9,11 +9,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from cluster.engine_client import EngineClient
+from cluster.engine_client import EngineClient, RemoteRequestError
 from hybrid_cache.plan import CacheType, SamplingParams
-from scheduler_service.async_engine import AsyncEngine
+from scheduler_service.async_engine import AsyncEngine, EngineDeadError
 from scheduler_service.engine import EngineStats
 from scheduler_service.request import RequestOutput
+
+# What a gateway's stream raises when the engine under it failed (its loop, or the replica actor):
+# the front ends answer it with HTTP 503 or gRPC UNAVAILABLE.
+ENGINE_FAILURES = (EngineDeadError, RemoteRequestError)
 
 
 class Gateway(Protocol):

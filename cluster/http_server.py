@@ -18,12 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cluster import metrics
-from cluster.engine_client import RemoteRequestError
-from cluster.gateways import Gateway
+from cluster.gateways import ENGINE_FAILURES, Gateway
 from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.tokenizer import Tokenizer
 from hybrid_cache.layout import HiddenCacheUnavailable
-from scheduler_service.async_engine import EngineDeadError
 from scheduler_service.engine import QueueFull
 from scheduler_service.request import RequestOutput
 
@@ -206,7 +204,7 @@ async def _with_deadline(stream: AsyncIterator[RequestOutput], timeout_s: float)
                 return
             except TimeoutError:
                 raise RequestTimeout(f"the request took longer than {timeout_s:g} s and was aborted") from None
-            except (EngineDeadError, RemoteRequestError) as err:
+            except ENGINE_FAILURES as err:
                 raise OpenAIError(503, str(err), kind="server_error", headers={"Retry-After": "1"}) from err
             yield output
     finally:

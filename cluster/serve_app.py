@@ -20,15 +20,14 @@ from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import RayServegRPCContext
 
 from cluster.config import AptServeConfig, load_config
-from cluster.engine_client import EngineClient, RemoteRequestError
-from cluster.gateways import ReplicaRouter
+from cluster.engine_client import EngineClient
+from cluster.gateways import ENGINE_FAILURES, ReplicaRouter
 from cluster.grpc_gen import aptserve_pb2 as pb
 from cluster.http_server import Frontend, build_app, install_frontend
 from cluster.ray_cluster import find_engine_replicas, start_engine_replicas, stop_engine_replicas
 from cluster.ray_runtime import ensure_ray
 from cluster.tokenizer import Tokenizer
 from hybrid_cache.plan import SamplingParams
-from scheduler_service.async_engine import EngineDeadError
 from scheduler_service.engine import QueueFull
 
 GRPC_SERVICER = "cluster.grpc_gen.aptserve_pb2_grpc.add_AptServeServicer_to_server"
@@ -78,7 +77,7 @@ class AptServeIngress:
                     finished=output.finished, finish_reason=output.finish_reason or "",
                     prompt_tokens=len(output.prompt_token_ids), completion_tokens=len(output.token_ids),
                 )
-        except (EngineDeadError, RemoteRequestError) as err:
+        except ENGINE_FAILURES as err:
             _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, str(err))
 
     def _grpc_request(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:

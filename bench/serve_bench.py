@@ -8,7 +8,8 @@ same checkpoint, block size, block budget, `max_num_seqs` and threads, warmed up
 same seeded trace family (DESIGN §8): at fixed rates (`--rates 0.5,1,2`: every system at every rate)
 or at rates chosen by bisection (`--rates LOW:HIGH`). `--unloaded N` first times N requests sent one at
 a time (the unloaded TTFT and TPOT that SLOs are stated against); `--calibrate` stops there. Before a
-server stops, its `/metrics` page is saved (block counts, hidden-cache share, preemptions). The
+server stops, its `/metrics` page is saved (block counts, hidden-cache share, preemptions, the
+engine's time by part), and each run gets a time split (`bench/server_metrics.py`). The
 results folder gets per-request JSON for every probe, `summary.json` (effective throughput and
 attainment at every rate, with the settings), `table.md` and plots (attainment vs rate; TTFT CDF).
 """
@@ -33,6 +34,7 @@ import httpx
 from bench.bench_plots import plot_attainment, plot_ttft_cdf
 from bench.datasets import load_samples
 from bench.load_client import run_trace
+from bench.server_metrics import counters_since, scrape_metrics, time_split, time_split_table
 from bench.slo_metrics import SLO, RequestRecord, bisect_rate, effective_throughput, percentile, summarize
 from bench.traces import arrival_times
 
@@ -172,6 +174,7 @@ def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, 
         if args.unloaded:
             result["unloaded"] = unloaded_latency(base, samples[: args.unloaded])
             print(f"{system.spec} unloaded: {result['unloaded']}", flush=True)
+        before = scrape_metrics(base)  # the probes' share of the counters is what they add to this
         if not args.calibrate:
             if isinstance(args.rates, tuple):
                 _, attainment = bisect_rate(probe, *args.rates, target=0.9, iterations=args.iterations)
@@ -180,6 +183,8 @@ def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, 
             result |= {"effective_throughput_rps": effective_throughput(attainment) or 0.0,
                        "attainment_by_rate": dict(sorted(attainment.items())), "probes": probes}
         result["server_metrics"] = scrape_metrics(base, out / f"{system.name}-metrics.txt")
+        records = [r for rate in probes for r in load_records(probe_file(out, system.spec, rate))]
+        result["time_split"] = time_split(counters_since(result["server_metrics"], before), records)
         return result
 
 
@@ -191,43 +196,6 @@ def unloaded_latency(base: str, samples, model: str = "bench") -> dict[str, floa
     good = [r for r in records if r.ok]
     return {"requests": len(records), "ttft_p50_s": percentile([r.ttft for r in good], 50),
             "tpot_p50_s": percentile([t for t in (r.tpot for r in good) if t is not None], 50)}
-
-
-# What each system's /metrics says about the run, summed over its label sets (warm-up included).
-SERVER_COUNTERS = {
-    "num_cache_blocks": "aptserve:num_cache_blocks",
-    "preemptions": "aptserve:num_preemptions_total",
-    "conversions": "aptserve:num_conversions_total",
-    "generation_tokens": "aptserve:generation_tokens_total",
-    "vllm_preemptions": "vllm:num_preemptions_total",
-    "vllm_generation_tokens": "vllm:generation_tokens_total",
-}
-
-
-def scrape_metrics(base: str, path: Path) -> dict[str, float]:
-    """Save the server's /metrics page to `path` and pick out block counts, preemptions and tokens
-    (the hidden-cache share of generated tokens for ours; the cache blocks vLLM allocated for vLLM)."""
-    try:
-        text = httpx.get(f"{base}/metrics", timeout=30).text
-    except httpx.HTTPError as err:
-        return {"error": str(err)}  # type: ignore[dict-item]
-    path.write_text(text)
-    found: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        sample, _, value = line.rpartition(" ")
-        name = sample.split("{", 1)[0]
-        for key, wanted in SERVER_COUNTERS.items():
-            if name == wanted:
-                found[key] = found.get(key, 0.0) + float(value)
-        if name == "aptserve:generation_tokens_by_cache_type_total" and 'cache_type="hidden"' in sample:
-            found["hidden_generation_tokens"] = found.get("hidden_generation_tokens", 0.0) + float(value)
-        if name == "vllm:cache_config_info" and 'num_gpu_blocks="' in sample:
-            found["num_cache_blocks"] = float(sample.split('num_gpu_blocks="', 1)[1].split('"', 1)[0])
-    if found.get("generation_tokens"):
-        found["hidden_token_share"] = found.get("hidden_generation_tokens", 0.0) / found["generation_tokens"]
-    return found
 
 
 def parse_rates(text: str) -> tuple[float, float] | list[float]:
@@ -299,6 +267,27 @@ def bench_samples(args: argparse.Namespace) -> list:
                         max_prompt=args.max_prompt, max_output=args.max_output)
 
 
+def markdown_tables(results: dict[str, dict]) -> str:
+    """The results table (effective throughput, attainment by rate, unloaded latency), then the time split."""
+    lines = ["| system | effective throughput (req/s) | attainment by rate | unloaded TTFT / TPOT p50 |",
+             "| --- | ---: | --- | --- |"]
+    for name, result in results.items():
+        by_rate = result.get("attainment_by_rate", {})
+        unloaded = result.get("unloaded") or {}
+        timing = (f"{unloaded['ttft_p50_s']:.3f} s / {1000 * unloaded['tpot_p50_s']:.1f} ms"
+                  if unloaded.get("ttft_p50_s") and unloaded.get("tpot_p50_s") else "")
+        effective = result.get("effective_throughput_rps")
+        if effective is None:
+            shown = ""
+        elif effective == 0 and by_rate:
+            shown = f"< {min(by_rate):.3g}"  # no probed rate reached the target
+        else:
+            shown = f"{effective:.3g}"
+        rates = ", ".join(f"{r:.3g}: {a:.2f}" for r, a in by_rate.items())
+        lines.append(f"| {name} | {shown} | {rates} | {timing} |")
+    return "\n".join(lines) + "\n\n" + time_split_table(results)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     samples = bench_samples(args)
@@ -312,17 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"settings": settings, "git_commit": commit, "versions": package_versions(), "slo": asdict(slo),
                "systems": {k: {kk: vv for kk, vv in v.items() if kk != "probes"} for k, v in results.items()}}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = ["| system | effective throughput (req/s) | attainment by rate | unloaded TTFT / TPOT p50 |",
-             "| --- | ---: | --- | --- |"]
-    for name, result in results.items():
-        by_rate = ", ".join(f"{r:.3g}: {a:.2f}" for r, a in result.get("attainment_by_rate", {}).items())
-        unloaded = result.get("unloaded") or {}
-        timing = (f"{unloaded['ttft_p50_s']:.3f} s / {1000 * unloaded['tpot_p50_s']:.1f} ms"
-                  if unloaded.get("ttft_p50_s") and unloaded.get("tpot_p50_s") else "")
-        effective = result.get("effective_throughput_rps")
-        lines.append(f"| {name} | {'' if effective is None else f'{effective:.3g}'} | {by_rate} | {timing} |")
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = markdown_tables(results)
+    (args.out / "table.md").write_text(table)
+    print(table)
     if not args.calibrate:
         plot_attainment(results, args.out)
         common = set.intersection(*(set(r["attainment_by_rate"]) for r in results.values()))

@@ -43,6 +43,8 @@ METRICS = {
     "inter_token_latency_seconds": "Time between consecutive tokens of a request.",
     "e2e_request_latency_seconds": "Time from arrival to the last token of finished requests.",
     "scheduler_iteration_seconds": "Scheduler time per engine iteration (policy and bookkeeping).",
+    "step_seconds_total": "Engine time by part: scheduling; execute (the executor call, Ray included); model "
+    "(rank 0's forward and sampling, within execute); attention (within model); recompute (within attention).",
 }
 
 
@@ -95,6 +97,8 @@ class _ReplicaCollector(Collector):
                 counter("request_success_total", metrics.request_success.get(reason, 0), {"finished_reason": reason})
             for reason, count in stats.num_rejected.items():
                 counter("requests_rejected_total", count, {"reason": reason})
+            for part in ("scheduling", "execute", "model", "attention", "recompute"):
+                counter("step_seconds_total", stats.step_seconds.get(part, 0.0), {"part": part})
             labels, values = ["model", "replica"], [self.model, replica]
             _histogram("time_to_first_token_seconds", labels, values, metrics.time_to_first_token, families)
             _histogram("inter_token_latency_seconds", labels, values, metrics.inter_token_latency, families)

@@ -38,6 +38,7 @@ class _Add:
     cache_type: CacheType | None
     ttft_slo_s: float | None
     tbt_slo_s: float | None
+    arrival_time: float  # engine clock at `generate`: waiting counts from the call, not from the next step
 
 
 async def outputs_from(queue: asyncio.Queue, abandoned: Callable[[], None]) -> AsyncIterator[RequestOutput]:
@@ -101,7 +102,7 @@ class AsyncEngine:
         try:
             self.engine.add_request(
                 item.prompt, item.params, request_id=item.request_id, cache_type=item.cache_type,
-                ttft_slo_s=item.ttft_slo_s, tbt_slo_s=item.tbt_slo_s,
+                ttft_slo_s=item.ttft_slo_s, tbt_slo_s=item.tbt_slo_s, arrival_time=item.arrival_time,
             )
         except (ValueError, QueueFull) as err:  # checked by `generate` already; only a race gets here
             self._send(item.request_id, err, last=True)
@@ -149,7 +150,7 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = _Stream(asyncio.get_running_loop(), queue)
-            self._inbox.append(_Add(request_id, prompt, params, override, ttft_slo_s, tbt_slo_s))
+            self._inbox.append(_Add(request_id, prompt, params, override, ttft_slo_s, tbt_slo_s, self.engine.clock()))
             self._cond.notify()
         return self._outputs(request_id, queue)
 

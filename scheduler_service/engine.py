@@ -38,7 +38,9 @@ class EngineStats:
     num_conversions: int
     num_failed_steps: int  # steps lost to a worker failure (their running requests ended with an error)
     tokens_by_cache_type: dict[str, int]  # generated tokens, by the cache type their request held
-    step_seconds: dict[str, float]  # cumulative: scheduling, and the executor's model / attention / recompute
+    # Cumulative seconds: engine-side `scheduling` and `execute` (the executor call, Ray included), and the
+    # executor's `model` (rank 0's forward and sampling), `attention` (within model), `recompute` (within attention).
+    step_seconds: dict[str, float]
     block_size: int
     hidden_tokens_per_block: int | None
     ratio: float  # r: hidden bytes per token over KV bytes per token
@@ -230,7 +232,8 @@ class Engine:
                 self.executor.execute(step.plan)  # lets workers drop per-request state
             return outputs
         try:
-            tokens = self.executor.execute(step.plan)
+            with self.timer.measure("execute"):
+                tokens = self.executor.execute(step.plan)
         except ExecutorFailed as err:
             return outputs + self._fail_running(str(err))
         self.scheduler.end_step(step)

@@ -36,6 +36,7 @@ REQUIRED_PANELS = {
     "conversions": "aptserve:num_conversions_total",
     "scheduler time per iteration": "aptserve:scheduler_iteration_seconds_bucket",
     "tokens/s": "aptserve:generation_tokens_total",
+    "engine time by part": "aptserve:step_seconds_total",
 }
 
 

@@ -10,7 +10,8 @@ from test_http_server import MODEL, running_server, wait_idle
 
 from bench.datasets import Sample
 from bench.load_client import run_trace
-from bench.serve_bench import scrape_metrics, unloaded_latency
+from bench.serve_bench import unloaded_latency
+from bench.server_metrics import scrape_metrics
 from bench.slo_metrics import SLO, summarize
 
 
@@ -48,3 +49,6 @@ def test_bench_times_unloaded_requests_and_reads_server_metrics(tiny_opt_with_to
     assert found["num_cache_blocks"] == num_blocks and found["generation_tokens"] == 6 + 9
     assert found["hidden_token_share"] == found.get("hidden_generation_tokens", 0.0) / 15
     assert "aptserve:num_preemptions_total" in (tmp_path / "metrics.txt").read_text()
+    assert found["engine_e2e_count"] == 2 and found["engine_e2e_seconds_sum"] > 0
+    assert found["step_seconds_execute"] >= found["step_seconds_model"] >= found["step_seconds_attention"] > 0
+    assert found["step_seconds_scheduling"] > 0

@@ -149,6 +149,10 @@ def panels() -> list[dict]:
                target(quantile(0.99, "scheduler_iteration_seconds"), "p99"),
                target(f"{rate('scheduler_iteration_seconds_sum')} / {rate('scheduler_iteration_seconds_count')}",
                       "mean")], "s"),
+        panel("timeseries", "Engine time by part", "Share of wall time each replica's engine spends per part "
+              "of a step: scheduling, the executor call (execute), the model within it, attention within the "
+              "model, recompute within attention.",
+              [target(rate("step_seconds_total", by="part"), "{{part}}")], "percentunit"),
         panel("timeseries", "End-to-end latency", "Arrival to last token of finished requests.",
               [target(quantile(0.5, "e2e_request_latency_seconds"), "p50"),
                target(quantile(0.99, "e2e_request_latency_seconds"), "p99")], "s"),

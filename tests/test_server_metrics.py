@@ -1,0 +1,71 @@
+"""The benchmark's reading of /metrics pages and its time split, against hand-computed cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.serve_bench import markdown_tables
+from bench.server_metrics import counters_since, parse_metrics, time_split
+from bench.slo_metrics import RequestRecord
+
+VLLM_PAGE = """\
+# HELP vllm:num_preemptions_total Preemptions.
+vllm:num_preemptions_total{engine="0",model_name="bench"} 3.0
+vllm:generation_tokens_total{engine="0",model_name="bench"} 100.0
+vllm:e2e_request_latency_seconds_sum{engine="0",model_name="bench"} 9.6
+vllm:e2e_request_latency_seconds_count{engine="0",model_name="bench"} 4.0
+vllm:cache_config_info{block_size="32",num_gpu_blocks="32",num_cpu_blocks="0"} 1.0
+"""
+
+OUR_PAGE = """\
+aptserve:num_cache_blocks{model="bench",replica="0"} 31.0
+aptserve:num_preemptions_total{model="bench",replica="0"} 2.0
+aptserve:generation_tokens_total{model="bench",replica="0"} 40.0
+aptserve:generation_tokens_by_cache_type_total{cache_type="kv",model="bench",replica="0"} 30.0
+aptserve:generation_tokens_by_cache_type_total{cache_type="hidden",model="bench",replica="0"} 10.0
+aptserve:e2e_request_latency_seconds_sum{model="bench",replica="0"} 5.0
+aptserve:e2e_request_latency_seconds_count{model="bench",replica="0"} 2.0
+aptserve:step_seconds_total{model="bench",part="scheduling",replica="0"} 0.5
+aptserve:step_seconds_total{model="bench",part="execute",replica="0"} 12.0
+aptserve:step_seconds_total{model="bench",part="model",replica="0"} 9.0
+aptserve:step_seconds_total{model="bench",part="attention",replica="0"} 3.0
+aptserve:step_seconds_total{model="bench",part="recompute",replica="0"} 1.0
+"""
+
+
+def finished(arrival: float, last: float) -> RequestRecord:
+    return RequestRecord("r", arrival, token_times=[arrival + 0.1, last], finished=True)
+
+
+def test_a_vllm_page_reads_blocks_preemptions_and_engine_latency() -> None:
+    found = parse_metrics(VLLM_PAGE)
+    assert found["num_cache_blocks"] == 32 and found["preemptions"] == 3 and found["generation_tokens"] == 100
+    assert "hidden_token_share" not in found  # vLLM has no hidden cache: no share, not a 0% one
+    # Client mean e2e (2.0 + 3.0) / 2 = 2.5 s against the engine's 9.6 / 4 = 2.4 s: 100 ms of serving.
+    split = time_split(found, [finished(0.0, 2.0), finished(1.0, 4.0), RequestRecord("cut", 0.0, token_times=[9.0])])
+    assert split == {"serving_overhead_ms": pytest.approx(100.0)}
+
+
+def test_the_probes_counters_are_what_they_added_after_warm_up() -> None:
+    warm = {"engine_e2e_count": 1.0, "engine_e2e_seconds_sum": 0.4, "preemptions": 1.0, "num_cache_blocks": 32.0}
+    since = counters_since(parse_metrics(VLLM_PAGE), warm)
+    assert since["engine_e2e_count"] == 3 and since["engine_e2e_seconds_sum"] == pytest.approx(9.2)
+    assert since["preemptions"] == 2 and "num_cache_blocks" not in since  # a size, not a counter
+
+
+def test_our_page_reads_the_step_split_and_hidden_share() -> None:
+    found = parse_metrics(OUR_PAGE)
+    assert found["num_cache_blocks"] == 31 and found["hidden_token_share"] == pytest.approx(0.25)
+    split = time_split(found, [finished(0.0, 2.8)])
+    assert split["executor_overhead_s"] == pytest.approx(3.0) and split["model_s"] == 9.0
+    assert split["serving_overhead_ms"] == pytest.approx(300.0)  # 2.8 s against 5.0 / 2
+
+
+def test_the_table_says_below_the_lowest_rate_when_none_reached_the_target() -> None:
+    results = {"vllm": {"effective_throughput_rps": 0.5, "attainment_by_rate": {0.5: 0.93, 1.0: 0.4}},
+               "aptserve:apt/hybrid": {"effective_throughput_rps": 0.0, "attainment_by_rate": {0.5: 0.7},
+                                       "time_split": time_split(parse_metrics(OUR_PAGE), [])}}
+    table = markdown_tables(results)
+    assert "| vllm | 0.5 | 0.5: 0.93, 1: 0.40 |" in table
+    assert "| aptserve:apt/hybrid | < 0.5 | 0.5: 0.70 |" in table
+    assert "| aptserve:apt/hybrid | 0.5 | 12.0 | 9.0 | 3.0 | 1.0 | 3.0 |  |  |" in table

@@ -268,7 +268,7 @@ def bench_samples(args: argparse.Namespace) -> list:
 
 
 def markdown_tables(results: dict[str, dict]) -> str:
-    """The results table (effective throughput, attainment by rate, unloaded latency), then the time split."""
+    """Effective throughput and attainment by rate, each probe's latencies, then the time split."""
     lines = ["| system | effective throughput (req/s) | attainment by rate | unloaded TTFT / TPOT p50 |",
              "| --- | ---: | --- | --- |"]
     for name, result in results.items():
@@ -285,6 +285,15 @@ def markdown_tables(results: dict[str, dict]) -> str:
             shown = f"{effective:.3g}"
         rates = ", ".join(f"{r:.3g}: {a:.2f}" for r, a in by_rate.items())
         lines.append(f"| {name} | {shown} | {rates} | {timing} |")
+    lines += ["", "| system | rate | attainment | goodput fraction | finished | TTFT p50 / p90 (s) | TPOT p50 (ms) "
+              "| ITL p99 (s) | output tok/s |", "| --- |" + " ---: |" * 8]
+    for name, result in results.items():
+        for rate, p in sorted(result.get("probes", {}).items()):
+            tpot = "" if p["tpot_p50_s"] is None else f"{1000 * p['tpot_p50_s']:.0f}"
+            ttft = "" if p["ttft_p50_s"] is None else f"{p['ttft_p50_s']:.2f} / {p['ttft_p90_s']:.2f}"
+            itl = "" if p["itl_p99_s"] is None else f"{p['itl_p99_s']:.2f}"
+            lines.append(f"| {name} | {rate:.3g} | {p['attainment']:.2f} | {p['goodput_fraction']:.2f} "
+                         f"| {p['finished']}/{p['count']} | {ttft} | {tpot} | {itl} | {p['output_tok_per_s']:.1f} |")
     return "\n".join(lines) + "\n\n" + time_split_table(results)
 
 

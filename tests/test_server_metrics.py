@@ -61,11 +61,15 @@ def test_our_page_reads_the_step_split_and_hidden_share() -> None:
     assert split["serving_overhead_ms"] == pytest.approx(300.0)  # 2.8 s against 5.0 / 2
 
 
-def test_the_table_says_below_the_lowest_rate_when_none_reached_the_target() -> None:
-    results = {"vllm": {"effective_throughput_rps": 0.5, "attainment_by_rate": {0.5: 0.93, 1.0: 0.4}},
+def test_the_tables_say_below_the_lowest_rate_and_show_each_probe() -> None:
+    probe = {"attainment": 0.93, "goodput_fraction": 0.96, "finished": 199, "count": 200, "ttft_p50_s": 0.43,
+             "ttft_p90_s": 1.414, "tpot_p50_s": 0.0594, "itl_p99_s": 1.15, "output_tok_per_s": 14.04}
+    results = {"vllm": {"effective_throughput_rps": 0.5, "attainment_by_rate": {0.5: 0.93, 1.0: 0.4},
+                        "probes": {0.5: probe}},
                "aptserve:apt/hybrid": {"effective_throughput_rps": 0.0, "attainment_by_rate": {0.5: 0.7},
                                        "time_split": time_split(parse_metrics(OUR_PAGE), [])}}
     table = markdown_tables(results)
     assert "| vllm | 0.5 | 0.5: 0.93, 1: 0.40 |" in table
     assert "| aptserve:apt/hybrid | < 0.5 | 0.5: 0.70 |" in table
+    assert "| vllm | 0.5 | 0.93 | 0.96 | 199/200 | 0.43 / 1.41 | 59 | 1.15 | 14.0 |" in table
     assert "| aptserve:apt/hybrid | 0.5 | 12.0 | 9.0 | 3.0 | 1.0 | 3.0 |  |  |" in table

@@ -158,15 +158,17 @@ def running_server(system: System, args: argparse.Namespace, out: Path, warmup: 
 def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, out: Path) -> dict:  # noqa: ANN001
     with running_server(system, args, out, warmup=samples[:4]) as base:
         probes: dict[float, dict] = {}
+        records: list[RequestRecord] = []  # every probe's, for the time split
 
         def probe(rate: float) -> float:
             arrivals = arrival_times(rate, args.cv, args.requests, args.seed)
-            records = asyncio.run(run_trace(base, "bench", samples, arrivals, args.grace,
-                                            desc=f"{system.spec} @ {rate:.3g} req/s"))
-            summary = summarize(records, slo, arrivals[-1])
+            probe_records = asyncio.run(run_trace(base, "bench", samples, arrivals, args.grace,
+                                                  desc=f"{system.spec} @ {rate:.3g} req/s"))
+            summary = summarize(probe_records, slo, arrivals[-1])
             probes[rate] = summary
+            records.extend(probe_records)
             probe_file(out, system.spec, rate).write_text(
-                json.dumps({"summary": summary, "records": [asdict(r) for r in records]}))
+                json.dumps({"summary": summary, "records": [asdict(r) for r in probe_records]}))
             print(f"{system.spec} @ {rate:.3g} req/s: attainment {summary['attainment']:.3f}", flush=True)
             return summary["attainment"]
 
@@ -183,7 +185,6 @@ def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, 
             result |= {"effective_throughput_rps": effective_throughput(attainment) or 0.0,
                        "attainment_by_rate": dict(sorted(attainment.items())), "probes": probes}
         result["server_metrics"] = scrape_metrics(base, out / f"{system.name}-metrics.txt")
-        records = [r for rate in probes for r in load_records(probe_file(out, system.spec, rate))]
         result["time_split"] = time_split(counters_since(result["server_metrics"], before), records)
         return result
 

@@ -93,7 +93,7 @@ def time_split(metrics: dict[str, float], records: list[RequestRecord]) -> dict[
 
 def time_split_table(results: dict[str, dict]) -> str:
     """A Markdown table of each system's `time_split` and hidden-cache token share."""
-    parts = ("scheduling", "execute", "model", "attention", "recompute", "executor_overhead")
+    parts = (*STEP_PARTS, "executor_overhead")
     lines = ["Where the time went over the probes (seconds, unless marked):", "",
              "| system | " + " | ".join(parts).replace("_", " ") + " | serving overhead (ms/request) "
              "| hidden token share |",
@@ -105,4 +105,3 @@ def time_split_table(results: dict[str, dict]) -> str:
         text = ["" if c is None else f"{c:.1f}" for c in cells] + ["" if share is None else f"{share:.1%}"]
         lines.append(f"| {name} | " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
-

@@ -1,4 +1,4 @@
-"""Benchmark request samples: ShareGPT, HumanEval, user files and synthetic lengths (DESIGN §8).
+"""Benchmark request samples: ShareGPT, HumanEval, user files and synthetic lengths (docs/BENCHMARK_METHOD.md).
 
 Every loader yields *candidates* (a prompt plus its reference output, as text or as a token count);
 `load_samples` shuffles them with a seed, measures them with the caller's tokenizer and keeps those

@@ -3,7 +3,7 @@
     aptserve replay --model DIR --dataset sharegpt|humaneval|synthetic:P:O|FILE --rate R --cv C \\
         --policy apt|fcfs --cache kv|hybrid --num-blocks N --duration S [--json out.json]
 
-Requests arrive at their trace times (Gamma gaps, DESIGN §8); each is stamped with its scheduled
+Requests arrive at their trace times (Gamma gaps, docs/BENCHMARK_METHOD.md); each is stamped with its scheduled
 arrival, so time spent waiting for the engine's current step counts against its TTFT. Output lengths
 come from the dataset and are enforced (`max_tokens` = the reference length, `ignore_eos`). A request
 still unfinished `--grace` seconds after the trace ends is aborted and counts as a miss.

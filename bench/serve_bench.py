@@ -5,7 +5,7 @@
 
 Systems run one after another, never at once. Each is started as its own server on 127.0.0.1 with the
 same checkpoint, block size, block budget, `max_num_seqs` and threads, warmed up, and probed over the
-same seeded trace family (DESIGN §8): at fixed rates (`--rates 0.5,1,2`: every system at every rate)
+same seeded trace family (docs/BENCHMARK_METHOD.md): at fixed rates (`--rates 0.5,1,2`: every system at every rate)
 or at rates chosen by bisection (`--rates LOW:HIGH`). `--unloaded N` first times N requests sent one at
 a time (the unloaded TTFT and TPOT that SLOs are stated against); `--calibrate` stops there. Before a
 server stops, its `/metrics` page is saved (block counts, hidden-cache share, preemptions, the
@@ -84,7 +84,7 @@ class System:
 
 def _environment(system: System, threads: int) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if system.is_vllm:  # DESIGN §9: loopback, both cores, a private cache
+    if system.is_vllm:  # docs/BENCHMARK_METHOD.md: loopback, both cores, a private cache
         env |= {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
                 "VLLM_CACHE_ROOT": str(REPO / ".vllm-cache"), "VLLM_TARGET_DEVICE": "cpu"}
         env.pop("VLLM_CPU_KVCACHE_SPACE", None)

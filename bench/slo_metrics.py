@@ -1,4 +1,4 @@
-"""Per-request latency records and the SLO metrics of DESIGN §8.
+"""Per-request latency records and the SLO metrics of docs/BENCHMARK_METHOD.md.
 
 Definitions (all times in seconds, relative to the same clock as `arrival`):
 

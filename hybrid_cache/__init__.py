@@ -1,6 +1,6 @@
 """Memory for the hybrid cache: block accounting, cache tensors, and the attention/recompute ops.
 
-This package imports none of the others (DESIGN §3): the scheduler uses the accounting, the workers use
+This package imports none of the others (docs/ARCHITECTURE.md): the scheduler uses the accounting, the workers use
 the tensors and ops, and the batch plan that crosses between them is defined here.
 """
 

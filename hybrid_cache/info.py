@@ -9,11 +9,11 @@ from hybrid_cache.layout import CacheLayout
 
 @dataclass(frozen=True)
 class CostModel:
-    """The K/V recompute cost, measured at start-up on the real device, dtype and shard (DESIGN §6).
+    """The K/V recompute cost, measured at start-up on the real device, dtype and shard (docs/ARCHITECTURE.md, "Cost model").
 
     Recomputing K/V of `t` history tokens through all layers takes about `fixed_seconds +
     seconds_per_token * t`; `alpha` is that per-token slope times the block size: the seconds one KV
-    block's worth of hidden history adds to every step (`α` of DESIGN §2).
+    block's worth of hidden history adds to every step (the apt policy's `α`).
     """
 
     fixed_seconds: float

@@ -1,4 +1,4 @@
-"""Benchmark workloads: arrival traces, dataset loaders and SLO metrics (DESIGN §8)."""
+"""Benchmark workloads: arrival traces, dataset loaders and SLO metrics (docs/BENCHMARK_METHOD.md)."""
 
 from __future__ import annotations
 

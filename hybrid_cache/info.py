@@ -9,7 +9,9 @@ from hybrid_cache.layout import CacheLayout
 
 @dataclass(frozen=True)
 class CostModel:
-    """The K/V recompute cost, measured at start-up on the real device, dtype and shard (docs/ARCHITECTURE.md, "Cost model").
+    """The K/V recompute cost, measured at start-up on the real device, dtype and shard.
+
+    How it is measured: docs/ARCHITECTURE.md, "Cost model".
 
     Recomputing K/V of `t` history tokens through all layers takes about `fixed_seconds +
     seconds_per_token * t`; `alpha` is that per-token slope times the block size: the seconds one KV

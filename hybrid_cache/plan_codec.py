@@ -2,7 +2,9 @@
 
 Lists of Python objects cost a pickle per field per request; these arrays cost one buffer each.
 Only what workers read travels: token ids, positions, block tables, cache types, conversions and the
-sampling fields (stop conditions stay with the engine).
+sampling fields (stop conditions stay with the engine). Every value `SamplingParams` accepts survives a
+round trip unchanged: temperature and top_p as float64 (exact for Python floats), top_k and seed as
+int64 (`SamplingParams` bounds both by 2**63 - 1 and refuses negative seeds, so -1 can mean "unseeded").
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 from hybrid_cache.plan import BatchPlan, CacheType, Conversion, SamplingParams, SequencePlan
 
 EncodedPlan = dict[str, np.ndarray]
+UNSEEDED = -1
 _TYPES = (CacheType.KV, CacheType.HIDDEN)
 
 
@@ -44,7 +47,7 @@ def encode_plan(plan: BatchPlan) -> EncodedPlan:
         "temperature": np.array([s.sampling.temperature for s in seqs], dtype=np.float64),
         "top_p": np.array([s.sampling.top_p for s in seqs], dtype=np.float64),
         "top_k": np.array([s.sampling.top_k for s in seqs], dtype=np.int64),
-        "seed": np.array([-1 if s.sampling.seed is None else s.sampling.seed for s in seqs], dtype=np.int64),
+        "seed": np.array([UNSEEDED if s.sampling.seed is None else s.sampling.seed for s in seqs], dtype=np.int64),
         "finished_seq_ids": np.array(plan.finished_seq_ids, dtype=np.int64),
     }
 
@@ -61,7 +64,7 @@ def decode_plan(arrays: EncodedPlan) -> BatchPlan:
         zip(*(arrays[k].tolist() for k in
               ("seq_id", "start_pos", "cache_type", "conversion_tokens", "temperature", "top_p", "top_k", "seed")))
     ):
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=None if seed < 0 else seed)
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=None if seed == UNSEEDED else seed)
         conversion = Conversion(hidden[i], kv[i], conv_tokens) if conv_tokens >= 0 else None
         seqs.append(SequencePlan(seq_id, tokens[i], start, _TYPES[kind], blocks[i], sampling, conversion))
     return BatchPlan(seqs, arrays["finished_seq_ids"].tolist())

@@ -3,16 +3,24 @@
 KV requests attend over K/V read from their own blocks. Hidden requests attend over K/V recomputed
 from their stored `x`, chunk by chunk through the fixed workspace, merged with an online softmax, so
 no request ever reads K/V that was not produced from its own history in this step.
+
+Two backends implement the same interface (`AttentionBackend`): `torch`, the readable reference
+(gather whole blocks, then PyTorch's SDPA), and `cpu_paged`, our C++ kernel (csrc/) that reads
+K/V where they lie over the whole variable-length batch. A backend builds its own step metadata
+from the plan and, per layer, gets the layer's cache, that metadata and q/k/v, and returns the
+output; a GPU backend plugs in the same way.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from hybrid_cache.metadata import AttentionMetadata
+from hybrid_cache.layout import CacheLayout
+from hybrid_cache.metadata import AttentionMetadata, build_metadata
+from hybrid_cache.plan import BatchPlan
 from hybrid_cache.tensors import LayerCache, RecomputeWorkspace
 
 
@@ -165,3 +173,116 @@ def _hidden_attention(
             partial[span_index] = merge(*partial[span_index], *piece)
     for span, (result, _) in zip(meta.hidden_spans, partial):
         out[span.begin : span.end] = result.to(out.dtype)
+
+
+class AttentionBackend:
+    """How attention runs: step metadata from a plan (host side, once per step), then one call per layer.
+
+    `forward` stores this step's K/V (KV requests) and x (hidden requests) in the layer's cache and
+    returns the attention output `[T, heads, head_dim]` of every token of the step.
+    """
+
+    name: ClassVar[str]
+
+    def build_metadata(
+        self, plan: BatchPlan, layout: CacheLayout, chunk_tokens: int, dtype: torch.dtype
+    ) -> AttentionMetadata:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        layer: LayerCache,
+        workspace: RecomputeWorkspace,
+        meta: AttentionMetadata,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        x: torch.Tensor,
+        project_kv: ProjectKV,
+        scale: float,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchBackend(AttentionBackend):
+    """The reference: whole blocks gathered, padded and masked, PyTorch's SDPA; hidden history in chunks."""
+
+    name = "torch"
+
+    def build_metadata(
+        self, plan: BatchPlan, layout: CacheLayout, chunk_tokens: int, dtype: torch.dtype
+    ) -> AttentionMetadata:
+        return build_metadata(plan, layout, chunk_tokens, dtype)
+
+    def forward(self, layer, workspace, meta, q, k, v, x, project_kv, scale):  # type: ignore[no-untyped-def]
+        store(layer, meta, k, v, x)
+        return hybrid_attention(layer, workspace, meta, q, k, v, project_kv, scale)
+
+
+class CpuPagedBackend(AttentionBackend):
+    """Our C++ paged-attention kernel (`torch.ops.aptserve.paged_attention`, built from csrc/).
+
+    KV requests — decodes and prefills, with or without cached context — attend in one call that reads
+    K/V from the blocks in place. Hidden requests: one call over their own new tokens (causal), then per
+    workspace pass one recompute of every history row that fits (one gather, one projection) and one
+    call over it, merged by log-sum-exp; a pass holds many requests, so there is no loop per request.
+    """
+
+    name = "cpu_paged"
+
+    def __init__(self) -> None:
+        from worker.kernels import load  # the build lives with the worker; loading it needs torch only
+
+        load()
+        self._op = torch.ops.aptserve.paged_attention
+
+    def build_metadata(
+        self, plan: BatchPlan, layout: CacheLayout, chunk_tokens: int, dtype: torch.dtype
+    ) -> AttentionMetadata:
+        return build_metadata(plan, layout, chunk_tokens, dtype, paged=True)
+
+    def forward(self, layer, workspace, meta, q, k, v, x, project_kv, scale):  # type: ignore[no-untyped-def]
+        store(layer, meta, k, v, x)
+        paged = meta.paged
+        assert paged is not None, "metadata built for another backend"
+        out = torch.empty_like(q)
+        if paged.kv is not None:
+            b = paged.kv
+            self._op(out, q, layer.keys, layer.values, b.block_tables, b.q_start, b.q_len, b.kv_len, scale, True, None)
+        if paged.hidden_new is not None:
+            self._hidden(layer, workspace, paged, q, k, v, project_kv, scale, out)
+        return out
+
+    def _hidden(self, layer, workspace, paged, q, k, v, project_kv, scale, out) -> None:  # type: ignore[no-untyped-def]
+        # Attention over the new tokens themselves (their K/V from this step, addressed one row per
+        # "block"), then over each pass of recomputed history, merged by log-sum-exp in float32.
+        n, heads, dim = q.shape
+        acc = torch.empty(n, heads, dim, dtype=torch.float32)
+        lse = torch.empty(n, heads, dtype=torch.float32)
+        b = paged.hidden_new
+        self._op(acc, q, k.unsqueeze(1), v.unsqueeze(1), b.block_tables, b.q_start, b.q_len, b.kv_len, scale, True, lse)
+        if paged.hidden_passes:
+            part = torch.empty_like(acc)
+            part_lse = torch.empty_like(lse)
+            for hidden_pass in paged.hidden_passes:
+                kv = _recompute(layer, workspace, hidden_pass.rows, hidden_pass.positions, project_kv)
+                keys, values = kv[:, 0].unsqueeze(1), kv[:, 1].unsqueeze(1)  # one row per "block"
+                p = hidden_pass.batch
+                self._op(part, q, keys, values, p.block_tables, p.q_start, p.q_len, p.kv_len, scale, False, part_lse)
+                t = hidden_pass.tokens
+                lse_a, lse_b = lse[t], part_lse[t]
+                total = torch.logaddexp(lse_a, lse_b)
+                acc[t] = acc[t] * torch.exp(lse_a - total).unsqueeze(-1) + part[t] * torch.exp(lse_b - total).unsqueeze(-1)
+                lse[t] = total
+        t = paged.hidden_tokens
+        out[t] = acc[t].to(out.dtype)
+
+
+BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchBackend, "cpu_paged": CpuPagedBackend}
+
+
+def make_backend(name: str) -> AttentionBackend:
+    """The backend called `name` (`cache.attention_backend`)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r} (choose from {', '.join(BACKENDS)})")
+    return BACKENDS[name]()

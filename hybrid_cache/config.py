@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -19,6 +21,11 @@ class CacheConfig(BaseModel):
     memory_bytes: int | None = Field(1 << 30, gt=0, description="cache budget in bytes, workspace included")
     recompute_chunk_tokens: int = Field(
         2048, gt=0, description="rows of x recomputed at once; sizes the fixed recompute workspace"
+    )
+
+    attention_backend: Literal["torch", "cpu_paged"] = Field(
+        "cpu_paged",
+        description="cpu_paged: our C++ kernel reading K/V blocks in place; torch: gather + SDPA (the reference)",
     )
 
     profile_token_counts: list[int] = Field(

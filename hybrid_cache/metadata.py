@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hybrid_cache.layout import CacheLayout
-from hybrid_cache.plan import BatchPlan, CacheType
+from hybrid_cache.plan import BatchPlan, CacheType, SequencePlan
 
 
 def block_offsets(
@@ -75,6 +75,39 @@ class ConversionChunk:
 
 
 @dataclass
+class PagedBatch:
+    """Sequences for one paged-attention call: queries `q_start..q_start+q_len` (rows of the step)
+    attend over `kv_len` keys, key `j` at `block_tables[s, j // block_size]`, offset `j % block_size`."""
+
+    block_tables: torch.Tensor  # int32 [B, width]
+    q_start: torch.Tensor  # int32 [B]
+    q_len: torch.Tensor  # int32 [B]
+    kv_len: torch.Tensor  # int32 [B]
+
+
+@dataclass
+class HiddenPass:
+    """History rows recomputed together into the workspace (`rows` of the hidden cache, at `positions`)
+    and the call that attends over them (tables index workspace rows); `tokens`: the step rows it covers."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    batch: PagedBatch
+    tokens: torch.Tensor
+
+
+@dataclass
+class PagedMetadata:
+    """What the `cpu_paged` backend needs: one call for all KV requests, one for hidden requests' new
+    tokens (over this step's K/V), one per workspace pass of hidden history."""
+
+    kv: PagedBatch | None
+    hidden_new: PagedBatch | None
+    hidden_tokens: torch.Tensor  # step rows of hidden requests
+    hidden_passes: list[HiddenPass]
+
+
+@dataclass
 class AttentionMetadata:
     positions: torch.Tensor
     kv_write_tokens: torch.Tensor
@@ -88,6 +121,7 @@ class AttentionMetadata:
     hidden_spans: list[Span] = field(default_factory=list)
     hidden_history: list[HistoryChunk] = field(default_factory=list)
     conversions: list[ConversionChunk] = field(default_factory=list)
+    paged: PagedMetadata | None = None  # set for the cpu_paged backend instead of the groups above
 
     def to(self, device: torch.device) -> AttentionMetadata:
         """Move every index tensor to `device` (a no-op on CPU)."""
@@ -131,10 +165,147 @@ def _history_chunks(
     return chunks
 
 
+def _int32(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def _tables(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one int32 `[B, max blocks]` tensor (entries past a table's end are never read)."""
+    width = max(1, max(len(t) for t in tables))
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+
+
+def _consecutive(starts: list[int], lengths: list[int]) -> torch.Tensor:
+    """int32 tables addressing rows `start..start+length` (one row per block of size 1)."""
+    width = max(1, max(lengths))
+    return (torch.tensor(starts, dtype=torch.int32).unsqueeze(1) + torch.arange(width, dtype=torch.int32)).contiguous()
+
+
+def _conversion_chunks(seq: SequencePlan, layout: CacheLayout, chunk_tokens: int) -> list[ConversionChunk]:
+    conv = seq.conversion
+    assert conv is not None
+    hidden_tpb = layout.tokens_per_block(CacheType.HIDDEN)
+    chunks = []
+    for start in range(0, conv.num_tokens, chunk_tokens):
+        stop = min(conv.num_tokens, start + chunk_tokens)
+        blocks, offsets = block_offsets(conv.kv_blocks, start, stop, layout.block_size)
+        rows = rows_for(conv.hidden_blocks, start, stop, hidden_tpb)
+        chunks.append(ConversionChunk(rows, blocks, offsets, torch.arange(start, stop)))
+    return chunks
+
+
+def _build_paged(plan: BatchPlan, layout: CacheLayout, chunk_tokens: int) -> AttentionMetadata:
+    """The `cpu_paged` backend's metadata: one pass over the plan for Python scalars, the rest vectorized."""
+    kv_tpb = layout.block_size
+    hidden_tpb = layout.tokens_per_block(CacheType.HIDDEN) if layout.hidden_allowed else 1
+    num_new, start_pos, is_kv, tables = [], [], [], []
+    conversions: list[ConversionChunk] = []
+    hid_start, hid_seq = [], []
+    offset = 0
+    for seq in plan.seqs:
+        num_new.append(seq.num_new)
+        start_pos.append(seq.start_pos)
+        kv = seq.cache_type is CacheType.KV
+        is_kv.append(kv)
+        tables.append(seq.block_table)
+        if seq.conversion is not None:
+            conversions.extend(_conversion_chunks(seq, layout, chunk_tokens))
+        if not kv:
+            hid_start.append(offset)
+            hid_seq.append(seq)
+        offset += seq.num_new
+
+    n = torch.tensor(num_new)
+    ends = n.cumsum(0)
+    seq_of_token = torch.repeat_interleave(torch.arange(len(num_new)), n)
+    shift = torch.tensor(start_pos) - (ends - n)  # position = token row + shift of its request
+    positions = torch.arange(int(ends[-1])) + shift[seq_of_token]
+    kv_seq = torch.tensor(is_kv)
+    table = _tables(tables).long()
+    token_kv = kv_seq[seq_of_token]
+    tpb = torch.where(token_kv, kv_tpb, hidden_tpb)
+    block = table[seq_of_token, positions // tpb]
+    offsets = positions % tpb
+    kv_tok = token_kv.nonzero().squeeze(1)
+    hid_tok = (~token_kv).nonzero().squeeze(1)
+
+    kv_batch = None
+    if bool(kv_seq.any()):
+        kv_index = kv_seq.nonzero().squeeze(1)
+        context_len = torch.tensor(start_pos) + n
+        kv_batch = PagedBatch(
+            table[kv_index].int(), (ends - n)[kv_index].int(), n[kv_index].int(), context_len[kv_index].int()
+        )
+    paged = PagedMetadata(kv_batch, None, hid_tok, [])
+    if hid_seq:
+        hid_len = [s.num_new for s in hid_seq]
+        q_start, q_len = _int32(hid_start), _int32(hid_len)
+        paged.hidden_new = PagedBatch(_consecutive(hid_start, hid_len), q_start, q_len, q_len)
+        paged.hidden_passes = _hidden_passes(hid_seq, hid_start, layout, chunk_tokens)
+    return AttentionMetadata(
+        positions=positions,
+        kv_write_tokens=kv_tok,
+        kv_write_blocks=block[kv_tok],
+        kv_write_offsets=offsets[kv_tok],
+        hidden_write_tokens=hid_tok,
+        hidden_write_rows=block[hid_tok] * hidden_tpb + offsets[hid_tok],
+        logits_index=ends - 1,
+        conversions=conversions,
+        paged=paged,
+    )
+
+
+def _hidden_passes(
+    seqs: list[SequencePlan], starts: list[int], layout: CacheLayout, chunk_tokens: int
+) -> list[HiddenPass]:
+    """Pack the hidden requests' histories, in order, into passes of at most `chunk_tokens` rows; a
+    history longer than what is left of a pass continues in the next one (merged by log-sum-exp)."""
+    tpb = layout.tokens_per_block(CacheType.HIDDEN)
+    passes: list[HiddenPass] = []
+    pieces: list[tuple[int, int, int]] = []  # (request, first history position, end)
+    used = 0
+
+    def close() -> None:
+        nonlocal pieces, used
+        rows, positions = [], []
+        for i, a, b in pieces:
+            pos = torch.arange(a, b)
+            table = torch.tensor(seqs[i].block_table, dtype=torch.long)
+            rows.append(table[pos // tpb] * tpb + pos % tpb)
+            positions.append(pos)
+        lengths = [b - a for _, a, b in pieces]
+        bases = [0]
+        for n in lengths[:-1]:
+            bases.append(bases[-1] + n)
+        q_start = _int32([starts[i] for i, _, _ in pieces])
+        q_len = _int32([seqs[i].num_new for i, _, _ in pieces])
+        batch = PagedBatch(_consecutive(bases, lengths), q_start, q_len, _int32(lengths))
+        tokens = torch.cat([torch.arange(starts[i], starts[i] + seqs[i].num_new) for i, _, _ in pieces])
+        passes.append(HiddenPass(torch.cat(rows), torch.cat(positions), batch, tokens))
+        pieces, used = [], 0
+
+    for i, seq in enumerate(seqs):
+        begin = 0
+        while begin < seq.start_pos:
+            take = min(seq.start_pos - begin, chunk_tokens - used)
+            pieces.append((i, begin, begin + take))
+            begin, used = begin + take, used + take
+            if used == chunk_tokens:
+                close()
+    if pieces:
+        close()
+    return passes
+
+
 def build_metadata(
-    plan: BatchPlan, layout: CacheLayout, chunk_tokens: int, dtype: torch.dtype = torch.float32
+    plan: BatchPlan, layout: CacheLayout, chunk_tokens: int, dtype: torch.dtype = torch.float32, paged: bool = False
 ) -> AttentionMetadata:
-    """Turn a batch plan into the index tensors the attention and recompute ops use (on CPU)."""
+    """Turn a batch plan into the index tensors the attention and recompute ops use (on CPU).
+
+    `paged`: the `cpu_paged` backend's metadata (`meta.paged`) instead of the torch backend's groups.
+    """
+    if paged:
+        return _build_paged(plan, layout, chunk_tokens)
     kv_tpb = layout.block_size
     hidden_tpb = layout.tokens_per_block(CacheType.HIDDEN) if layout.hidden_allowed else 0
     positions, kv_tok, kv_blocks, kv_offsets, hid_tok, hid_rows, last = [], [], [], [], [], [], []

@@ -16,6 +16,26 @@ PROMPT_LENGTHS = [3, 9, 17, 5, 30, 12, 1, 24, 7, 40]
 MAX_NEW = [24, 12, 30, 18, 8, 26, 20, 14, 28, 16]
 
 
+@pytest.fixture(params=["torch", "cpu_paged"], scope="module")
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs once per attention backend."""
+    return request.param
+
+
+@pytest.fixture
+def make_llm(make_llm, backend: str):  # type: ignore[no-untyped-def]
+    """conftest's factory, with `cache.attention_backend` set to this run's backend."""
+    from cluster.config import load_config, with_overrides
+
+    def factory(model, **kwargs):  # type: ignore[no-untyped-def]
+        overrides = {"cache.attention_backend": backend, "scheduler.max_waiting": None}
+        llm = make_llm(model, config=with_overrides(load_config(), overrides), **kwargs)
+        assert llm.engine.executor.runner.backend.name == backend
+        return llm
+
+    return factory
+
+
 def prompts() -> list[list[int]]:
     rng = random.Random(7)
     return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in PROMPT_LENGTHS]

@@ -9,7 +9,7 @@ import torch
 from hybrid_cache.config import CacheConfig
 from hybrid_cache.info import WorkerInfo
 from hybrid_cache.layout import CacheLayout
-from hybrid_cache.metadata import build_metadata
+from hybrid_cache.attention import make_backend
 from hybrid_cache.plan import BatchPlan
 from hybrid_cache.tensors import CacheTensors
 from worker.config import ModelConfig
@@ -57,6 +57,7 @@ class ModelRunner:
         num_blocks = cache.num_blocks or self.layout.num_blocks_for_budget(cache.memory_bytes or 0, self.chunk_tokens)
         self.cache = CacheTensors(self.layout, num_blocks, self.chunk_tokens, self.dtype, self.device)
         self.sampler = Sampler(self.device, model.seed)
+        self.backend = make_backend(cache.attention_backend)
         self.cost = profile_recompute(
             self.model, self.cache.workspace, cache.block_size, cache.profile_token_counts, cache.profile_repeats
         )
@@ -83,8 +84,8 @@ class ModelRunner:
         if not plan.seqs:
             return StepResult([])
         with self.cache.workspace.timer.measure("model"):
-            meta = build_metadata(plan, self.layout, self.chunk_tokens, self.dtype).to(self.device)
-            ctx = ForwardContext(meta, self.cache)
+            meta = self.backend.build_metadata(plan, self.layout, self.chunk_tokens, self.dtype).to(self.device)
+            ctx = ForwardContext(meta, self.cache, self.backend)
             self.model.convert_to_kv(ctx)
             ids = [t for s in plan.seqs for t in s.token_ids]
             hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)

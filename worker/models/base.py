@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_cache.attention import convert_to_kv, hybrid_attention, store
+from hybrid_cache.attention import AttentionBackend, TorchBackend, convert_to_kv
 from hybrid_cache.metadata import AttentionMetadata
 from hybrid_cache.tensors import CacheTensors
 from worker.model_spec import ModelSpec
@@ -34,6 +34,7 @@ class ForwardContext:
 
     meta: AttentionMetadata
     cache: CacheTensors
+    backend: AttentionBackend = field(default_factory=TorchBackend)
 
 
 class RotaryEmbedding(nn.Module):
@@ -139,8 +140,9 @@ class CachedAttention(nn.Module):
             q, k = self.rotary(q, ctx.meta.positions), self.rotary(k, ctx.meta.positions)
         layer = ctx.cache.layers[self.layer_index]
         with ctx.cache.workspace.timer.measure("attention"):  # includes recompute
-            store(layer, ctx.meta, k, v, x[:, self.x_columns])
-            out = hybrid_attention(layer, ctx.cache.workspace, ctx.meta, q, k, v, self.project_kv, self.scale)
+            out = ctx.backend.forward(
+                layer, ctx.cache.workspace, ctx.meta, q, k, v, x[:, self.x_columns], self.project_kv, self.scale
+            )
         return self.o_proj(out.reshape(n, self.q_size))
 
 

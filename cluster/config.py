@@ -29,6 +29,14 @@ class ServerConfig(BaseModel):
         1024, gt=0, description="concurrent requests per ingress replica (Serve's default of 5 would throttle streams)"
     )
     ingress_replicas: int = Field(1, gt=0, description="Ray Serve ingress replicas (they share the engine replicas)")
+    max_body_bytes: int = Field(4 << 20, gt=0, description="larger request bodies are refused (HTTP 413)")
+    retry_after_s: int = Field(1, gt=0, description="Retry-After of a 503 (full queue, or no engine replica up)")
+    replica_probe_interval_s: float = Field(
+        1.0, gt=0, description="a replica marked down is probed again at most this often (lazily, on traffic)"
+    )
+    replica_call_timeout_s: float = Field(
+        5.0, gt=0, description="longest wait for a replica's health or stats (a restarting actor holds calls)"
+    )
 
 
 class ParallelConfig(BaseModel):
@@ -44,6 +52,9 @@ class ParallelConfig(BaseModel):
         30.0, gt=0, description="a rank waiting longer than this in a collective fails (a peer died)"
     )
     step_timeout_s: float = Field(300.0, gt=0, description="longest wait for one step or for the group to start")
+    max_replica_restarts: int = Field(
+        -1, ge=-1, description="times Ray restarts a dead engine replica actor (-1: always; 0: never)"
+    )
 
 
 class AptServeConfig(BaseModel):

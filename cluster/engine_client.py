@@ -17,23 +17,39 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
+import ray
+
+from cluster.errors import ReplicaFailed, RequestAborted
 from hybrid_cache.plan import CacheType, SamplingParams
 from scheduler_service.async_engine import outputs_from
-from scheduler_service.engine import EngineStats
+from scheduler_service.engine import EngineStats, QueueFull
 from scheduler_service.request import RequestOutput
 
 log = logging.getLogger(__name__)
 
 
-class RemoteRequestError(RuntimeError):
+class RemoteRequestError(ReplicaFailed):
     """The engine ended a request's stream with an error (e.g. its engine loop stopped)."""
 
 
+# A request refused by the engine thread after `add_request` returned (a race with a full queue, say)
+# comes back as "<exception name>: <message>": these names are refusals, any other is a failure.
+_REFUSALS: dict[str, type[Exception]] = {"QueueFull": QueueFull, "ValueError": ValueError,
+                                         "HiddenCacheUnavailable": ValueError}
+
+
+def _stream_error(message: str) -> Exception:
+    name, _, rest = message.partition(": ")
+    refusal = _REFUSALS.get(name)
+    return refusal(rest) if refusal is not None else RemoteRequestError(message)
+
+
 class EngineClient:
-    def __init__(self, handle, poll_timeout_s: float = 1.0) -> None:  # noqa: ANN001 - a Ray actor handle
-        self.handle = handle
+    def __init__(self, handle, poll_timeout_s: float = 1.0, call_timeout_s: float = 5.0) -> None:  # noqa: ANN001
+        self.handle = handle  # a Ray actor handle
         self.caller = uuid.uuid4().hex
         self.poll_timeout_s = poll_timeout_s
+        self.call_timeout_s = call_timeout_s  # stats and health calls: a restarting actor would hold them
         self._streams: dict[str, asyncio.Queue] = {}
         self._poller: asyncio.Task | None = None
 
@@ -74,7 +90,7 @@ class EngineClient:
             for item in items:
                 if isinstance(item, tuple):
                     request_id, message = item
-                    item = RemoteRequestError(message)
+                    item = _stream_error(message)
                 else:
                     request_id = item.request_id
                 queue = self._streams.get(request_id)
@@ -88,15 +104,28 @@ class EngineClient:
         finally:
             self._streams.pop(request_id, None)
 
+    def abandon(self, request_id: str) -> None:
+        """Forget a stream its consumer dropped (perhaps before reading it) and abort its request."""
+        self._streams.pop(request_id, None)
+        self._abort_soon(request_id)
+
     def _abort_soon(self, request_id: str) -> None:
         """Submit the abort without waiting: its stream is being closed, perhaps by cancellation."""
         contextvars.Context().run(self.handle.abort.remote, request_id)
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, reason: str = "client") -> None:
+        """Abort the request in the engine; its open stream here ends with `RequestAborted`."""
+        queue = self._streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(RequestAborted(f"request {request_id!r} was aborted"))
         await self.handle.abort.remote(request_id)
 
     async def stats(self) -> EngineStats:
-        return await self.handle.stats.remote()
+        return await asyncio.wait_for(self.handle.stats.remote(), self.call_timeout_s)
 
     async def health(self) -> bool:
-        return await self.handle.health.remote()
+        return await asyncio.wait_for(self.handle.health.remote(), self.call_timeout_s)
+
+    def restart(self) -> None:
+        """Kill the actor so that Ray restarts it (its constructor builds a new engine); streams here end."""
+        ray.kill(self.handle, no_restart=False)

@@ -1,23 +1,22 @@
-"""What the HTTP and gRPC front ends talk to: one engine in this process, or engine replicas on Ray.
+"""What the HTTP and gRPC front ends talk to: one engine in this process, or engine replicas on Ray
+(`cluster/router.py`).
 
-Both give the same async face: `generate` (validate and queue, then stream outputs), `abort`,
-`healthy` and `replica_stats` (for /metrics).
+Both give the same async face: `generate` (validate and queue, then a `RequestStream` of outputs),
+`abort`, `health` (each replica's state) and `replica_stats` (for /metrics; None for a replica that is down).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
-from cluster.engine_client import EngineClient, RemoteRequestError
+from cluster.errors import DuplicateRequestId
+from cluster.streams import RequestStream
 from hybrid_cache.plan import CacheType, SamplingParams
-from scheduler_service.async_engine import AsyncEngine, EngineDeadError
+from scheduler_service.async_engine import AsyncEngine
 from scheduler_service.engine import EngineStats
-from scheduler_service.request import RequestOutput
 
-# What a gateway's stream raises when the engine under it failed (its loop, or the replica actor):
-# the front ends answer it with HTTP 503 or gRPC UNAVAILABLE.
-ENGINE_FAILURES = (EngineDeadError, RemoteRequestError)
+UP, DOWN = "up", "down"  # a replica's state as /health and /metrics report it
 
 
 class Gateway(Protocol):
@@ -33,13 +32,19 @@ class Gateway(Protocol):
         cache_type: CacheType | str | None = None,
         ttft_slo_s: float | None = None,
         tbt_slo_s: float | None = None,
-    ) -> AsyncIterator[RequestOutput]: ...
+        received_at: float | None = None,
+    ) -> RequestStream: ...
 
-    async def abort(self, request_id: str) -> None: ...
+    async def abort(self, request_id: str, reason: str = "client") -> None: ...
 
-    async def healthy(self) -> bool: ...
+    async def health(self) -> dict[str, str]: ...
 
-    async def replica_stats(self) -> list[tuple[str, EngineStats]]: ...
+    async def replica_stats(self) -> list[tuple[str, EngineStats | None]]: ...
+
+
+def serving(states: dict[str, str]) -> bool:
+    """The service answers requests: at least one replica is up."""
+    return UP in states.values()
 
 
 class LocalGateway:
@@ -51,6 +56,7 @@ class LocalGateway:
         self.engine = engine
         self.max_model_len = engine.engine.info.max_model_len
         self.vocab_size = engine.engine.info.vocab_size
+        self._live: set[str] = set()
 
     async def generate(
         self,
@@ -60,65 +66,20 @@ class LocalGateway:
         cache_type: CacheType | str | None = None,
         ttft_slo_s: float | None = None,
         tbt_slo_s: float | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        return self.engine.generate(prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s)
+        received_at: float | None = None,
+    ) -> RequestStream:
+        if request_id in self._live:
+            raise DuplicateRequestId(f"request id {request_id!r} is already in use")
+        stream = self.engine.generate(prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s)
+        self._live.add(request_id)
+        return RequestStream(stream, abandon=lambda: self.engine.abort(request_id),
+                             closed=lambda _: self._live.discard(request_id))
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, reason: str = "client") -> None:
         self.engine.abort(request_id)
 
-    async def healthy(self) -> bool:
-        return self.engine.healthy
+    async def health(self) -> dict[str, str]:
+        return {"0": UP if self.engine.healthy else DOWN}
 
-    async def replica_stats(self) -> list[tuple[str, EngineStats]]:
-        return [("0", self.engine.stats())]
-
-
-class ReplicaRouter:
-    """Engine replicas (scheduler actors) behind one face: each request goes to the replica with the
-    fewest of this router's requests in flight; ties go to the lowest index."""
-
-    def __init__(self, clients: list[EngineClient], max_model_len: int, vocab_size: int) -> None:
-        if not clients:
-            raise ValueError("a router needs at least one engine replica")
-        self.clients = clients
-        self.max_model_len, self.vocab_size = max_model_len, vocab_size
-        self.num_replicas = len(clients)
-        self._in_flight = [0] * len(clients)
-        self._owner: dict[str, int] = {}
-
-    async def generate(
-        self,
-        prompt_token_ids: Sequence[int],
-        params: SamplingParams,
-        request_id: str,
-        cache_type: CacheType | str | None = None,
-        ttft_slo_s: float | None = None,
-        tbt_slo_s: float | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        index = min(range(len(self.clients)), key=self._in_flight.__getitem__)
-        stream = await self.clients[index].generate(
-            prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s
-        )
-        self._in_flight[index] += 1
-        self._owner[request_id] = index
-        return self._counted(request_id, index, stream)
-
-    async def _counted(self, request_id: str, index: int, stream: AsyncIterator[RequestOutput]):  # noqa: ANN202
-        try:
-            async for output in stream:
-                yield output
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
-            self._in_flight[index] -= 1
-            self._owner.pop(request_id, None)
-
-    async def abort(self, request_id: str) -> None:
-        index = self._owner.get(request_id)
-        if index is not None:
-            await self.clients[index].abort(request_id)
-
-    async def healthy(self) -> bool:
-        return all([await client.health() for client in self.clients])
-
-    async def replica_stats(self) -> list[tuple[str, EngineStats]]:
-        return [(str(i), await client.stats()) for i, client in enumerate(self.clients)]
+    async def replica_stats(self) -> list[tuple[str, EngineStats | None]]:
+        return [("0", self.engine.stats() if self.engine.healthy else None)]

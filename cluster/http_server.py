@@ -2,47 +2,67 @@
 
 The same app runs under uvicorn over an in-process engine (tests) and as the Ray Serve ingress
 (`cluster/serve_app.py`). What it serves is the `Frontend` given to `build_app`, or the one a Serve replica installs.
+Every error is answered in OpenAI's shape with a short message (`cluster/errors.py`); nothing internal
+(a traceback, a path, an id) reaches a client.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from cluster import metrics
-from cluster.gateways import ENGINE_FAILURES, Gateway
+from cluster.errors import Failure, InvalidField, Kind, ModelNotFound, classify, one_line
+from cluster.gateways import Gateway, serving
+from cluster.http_body import strict_route
 from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from cluster.streams import Deadline, TextDeltas
 from cluster.tokenizer import Tokenizer
-from hybrid_cache.layout import HiddenCacheUnavailable
-from scheduler_service.engine import QueueFull
 from scheduler_service.request import RequestOutput
+
+log = logging.getLogger(__name__)
+
+# Refusals the engine counts itself (at admission): the ingress counts every other refusal.
+_ENGINE_COUNTED = (Kind.INVALID, Kind.OVERLOADED)
 
 
 @dataclass
 class Frontend:
-    """What the routes serve: the engines, the tokenizer, the model's public name, the time limit."""
+    """What the routes serve: the engines, the tokenizer, the model's public name, the limits."""
 
     gateway: Gateway
     tokenizer: Tokenizer
     model_name: str
     request_timeout_s: float
+    retry_after_s: int = 1
+    max_body_bytes: int = 4 << 20
+    counters: metrics.IngressCounters = field(default_factory=metrics.IngressCounters)
 
+    def error(self, failure: Failure) -> OpenAIError:
+        return OpenAIError.of(failure, self.retry_after_s)
 
-def _visible(text: str, stops: tuple[str, ...], finished: bool) -> str:
-    """Text safe to send: hold back what a stop string may still cut, and half-decoded characters."""
-    if finished:
-        return text
-    if stops:
-        text = text[: max(0, len(text) - (max(len(s) for s in stops) - 1))]
-    return text.rstrip("\ufffd")
+    def refused(self, err: BaseException, *, engine_checked: bool = False, param: str | None = None) -> Failure:
+        """The answer to a request refused with `err`, counted once: by the engine when it checked the
+        request and refused it at admission, else here."""
+        failure = classify(err, param)
+        if not (engine_checked and failure.kind in _ENGINE_COUNTED):
+            self.counters.reject(failure.kind.name.lower())
+        return failure
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self.tokenizer.encode(text)
+        except (UnicodeError, ValueError, TypeError) as err:
+            raise InvalidField("prompt", f"the prompt cannot be tokenized: {one_line(str(err))}") from err
 
 
 _installed: list[Frontend] = []
@@ -58,16 +78,29 @@ def installed_frontend() -> Frontend | None:
     return _installed[0] if _installed else None
 
 
+_STARTING = Frontend.__dataclass_fields__["max_body_bytes"].default  # the body limit before a frontend is installed
+
+
 def build_app(frontend: Frontend | None = None) -> FastAPI:
     """The routes, serving `frontend`, or the one installed in this process when None."""
     app = FastAPI(title="Apt-Serve", description="OpenAI-compatible LLM serving on a hybrid cache")
     created = int(time.time())
 
+    def current() -> Frontend | None:
+        return frontend or installed_frontend()
+
     def front() -> Frontend:
-        current = frontend or installed_frontend()
-        if current is None:
+        f = current()
+        if f is None:
             raise OpenAIError(503, "the server is starting", kind="server_error", headers={"Retry-After": "1"})
-        return current
+        return f
+
+    def reject(reason: str) -> None:
+        f = current()
+        if f is not None:
+            f.counters.reject(reason)
+
+    app.router.route_class = strict_route(lambda: (current().max_body_bytes if current() else _STARTING))
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
@@ -75,18 +108,43 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors())
-        return JSONResponse(OpenAIError(400, problems).body(), status_code=400)
+        problems, params = [], []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"][1:])
+            message = str(e["msg"]).removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
+            params.append(str(e["loc"][1]) if len(e["loc"]) > 1 else None)
+        reject(Kind.INVALID.name.lower())
+        error = OpenAIError(400, one_line("; ".join(problems)), param=params[0] if params else None)
+        return JSONResponse(error.body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
+        if request.method == "POST" and err.status_code < 500:
+            reject("too_large" if err.status_code == 413 else Kind.INVALID.name.lower())
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        error = OpenAIError(err.status_code, one_line(str(err.detail)), kind=kind)
+        return JSONResponse(error.body(), status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+        failure = classify(err)  # logs an exception of no known kind
+        if failure.kind is not Kind.INTERNAL:
+            reject(failure.kind.name.lower())
+        error = OpenAIError.of(failure, current().retry_after_s if current() else 1)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = await front().gateway.healthy()
-        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+        states = await front().gateway.health()
+        ok = serving(states)
+        status = ("ok" if all(s == "up" for s in states.values()) else "degraded") if ok else "unavailable"
+        return JSONResponse({"status": status, "replicas": states}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         f = front()
-        page = metrics.render(f.model_name, await f.gateway.replica_stats())
+        page = metrics.render(f.model_name, await f.gateway.replica_stats(), f.counters.rejected())
         return Response(page, media_type=metrics.CONTENT_TYPE)
 
     @app.get("/v1/models")
@@ -96,116 +154,118 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
                 "max_model_len": f.gateway.max_model_len}
         return {"object": "list", "data": [card]}
 
-    async def start(body: CompletionRequest | ChatCompletionRequest, prompt: list[int]) -> tuple[str, AsyncIterator]:
+    async def start(body: CompletionRequest | ChatCompletionRequest, prompt: list[int],
+                    received_at: float) -> tuple[str, Deadline]:
         f = front()
-        if body.model != f.model_name:
-            raise OpenAIError(404, f"The model `{body.model}` does not exist (serving `{f.model_name}`)",
-                              kind="not_found_error", param="model")
-        params = body.sampling_params(len(prompt), f.gateway.max_model_len)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
         try:
-            slos = {
-                "ttft_slo_s": body.ttft_slo_ms / 1000 if body.ttft_slo_ms else None,
-                "tbt_slo_s": body.tbt_slo_ms / 1000 if body.tbt_slo_ms else None,
-            }
-            stream = await f.gateway.generate(prompt, params, request_id, body.cache_type, **slos)
-            return request_id, _with_deadline(stream, f.request_timeout_s)
-        except QueueFull as err:
-            raise OpenAIError(503, str(err), kind="overloaded_error", headers={"Retry-After": "1"}) from err
-        except HiddenCacheUnavailable as err:
-            raise OpenAIError(400, str(err), param="cache_type") from err
-        except ValueError as err:
-            raise OpenAIError(400, str(err), param="prompt") from err
+            if body.model != f.model_name:
+                raise ModelNotFound(f"The model `{body.model}` does not exist (serving `{f.model_name}`)")
+            params = body.sampling_params(len(prompt), f.gateway.max_model_len)
+        except (ModelNotFound, InvalidField) as err:
+            raise f.error(f.refused(err, param="model" if isinstance(err, ModelNotFound) else None)) from err
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        slos = {
+            "ttft_slo_s": body.ttft_slo_ms / 1000 if body.ttft_slo_ms else None,
+            "tbt_slo_s": body.tbt_slo_ms / 1000 if body.tbt_slo_ms else None,
+        }
+        try:
+            stream = await f.gateway.generate(prompt, params, request_id, body.cache_type, **slos,
+                                              received_at=received_at)
+        except Exception as err:  # noqa: BLE001 - every refusal is answered by its kind
+            raise f.error(f.refused(err, engine_checked=True, param="prompt")) from err
+
+        async def timed_out() -> None:
+            await f.gateway.abort(request_id, reason="timeout")
+
+        return request_id, Deadline(stream, f.request_timeout_s, on_timeout=timed_out)
 
     def usage(final: RequestOutput) -> dict:
         prompt, completion = len(final.prompt_token_ids), len(final.token_ids)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def run(body, prompt: list[int], chat: bool):  # noqa: ANN202 - a JSON or a streaming response
-        request_id, outputs = await start(body, prompt)
-        model_name = front().model_name
-        stops = tuple([body.stop] if isinstance(body.stop, str) else body.stop or [])
+    def ended_in_error(output: RequestOutput | None) -> Failure | None:
+        if output is not None and output.finish_reason != "error":
+            return None
+        log.warning("request ended with an engine error: %s", output.error if output is not None else "no output")
+        return Failure(Kind.UNAVAILABLE, "the model's engine failed while running this request")
+
+    async def run(body, prompt: list[int], chat: bool, received_at: float):  # noqa: ANN202 - JSON or a stream
+        request_id, outputs = await start(body, prompt, received_at)
+        f = front()
         kind = "chat.completion" if chat else "text_completion"
         if not body.stream:
             final = None
             try:
                 async for output in outputs:
                     final = output
-            except RequestTimeout as err:
-                raise OpenAIError(504, str(err), kind="timeout_error") from err
-            if final is None or final.finish_reason == "error":
-                message = final.error if final is not None else "the engine ended the request without output"
-                raise OpenAIError(503, message or "the model workers failed", kind="server_error")
+            except Exception as err:  # noqa: BLE001 - a timeout, or the engine failed under the request
+                raise f.error(classify(err)) from err
+            finally:
+                await outputs.aclose()
+            if (failure := ended_in_error(final)) is not None:
+                raise f.error(failure)
             choice = {"index": 0, "finish_reason": final.finish_reason}
             choice |= {"message": {"role": "assistant", "content": final.text}} if chat else {"text": final.text}
-            return {"id": request_id, "object": kind, "created": int(time.time()), "model": model_name,
+            return {"id": request_id, "object": kind, "created": int(time.time()), "model": f.model_name,
                     "choices": [choice], "usage": usage(final)}
 
         async def events() -> AsyncIterator[str]:
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-            head = {"id": request_id, "object": chunk_kind, "created": int(time.time()), "model": model_name}
-            sent = 0
+            head = {"id": request_id, "object": chunk_kind, "created": int(time.time()), "model": f.model_name}
+            deltas = TextDeltas(body.stops)
             if chat:
                 first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 yield f"data: {json.dumps(head | {'choices': [first]})}\n\n"
             final = None
             try:
                 async for final in outputs:
-                    if final.finish_reason == "error":
-                        raise OpenAIError(503, final.error or "the model workers failed", kind="server_error")
-                    text = _visible(final.text, stops, final.finished)
-                    delta, sent = text[sent:], max(sent, len(text))
+                    if (failure := ended_in_error(final)) is not None:
+                        raise f.error(failure)
+                    delta = deltas.next(final)
                     if not delta and not final.finished:
                         continue
                     choice = {"index": 0, "finish_reason": final.finish_reason}
                     choice |= {"delta": {"content": delta}} if chat else {"text": delta}
                     yield f"data: {json.dumps(head | {'choices': [choice]})}\n\n"
-            except (RequestTimeout, OpenAIError) as err:  # the status is sent already: an error event
-                error = err if isinstance(err, OpenAIError) else OpenAIError(504, str(err), kind="timeout_error")
+            except Exception as err:  # noqa: BLE001 - the status is sent already: an error event
+                error = err if isinstance(err, OpenAIError) else f.error(classify(err))
                 yield f"data: {json.dumps(error.body())}\n\n"
                 yield "data: [DONE]\n\n"
                 return
+            finally:
+                await outputs.aclose()
             if body.stream_options and body.stream_options.include_usage and final is not None:
                 yield f"data: {json.dumps(head | {'choices': [], 'usage': usage(final)})}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return ClosingStreamingResponse(events(), on_close=outputs.aclose, media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):  # noqa: ANN202
-        prompt = front().tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else body.prompt
-        return await run(body, prompt, chat=False)
+        received_at = time.time()
+        prompt = front().encode(body.prompt) if isinstance(body.prompt, str) else body.prompt
+        return await run(body, prompt, chat=False, received_at=received_at)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):  # noqa: ANN202
+        received_at = time.time()
         prompt = front().tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
-        return await run(body, prompt, chat=True)
+        return await run(body, prompt, chat=True, received_at=received_at)
 
     return app
 
 
-class RequestTimeout(Exception):
-    """A request ran past `server.request_timeout_s`: it is aborted (504, or an error event on a stream)."""
+class ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that closes its request's stream however the response ends, even when the
+    client left before the body started (then the body's generator never runs, and without this the
+    request would run on as an orphan)."""
 
+    def __init__(self, content: AsyncIterator[str], on_close, **kwargs: object) -> None:  # noqa: ANN001
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
 
-async def _with_deadline(stream: AsyncIterator[RequestOutput], timeout_s: float) -> AsyncIterator[RequestOutput]:
-    """`stream`, ended (and its request aborted, by closing it) once `timeout_s` have passed; an engine
-    that failed under it becomes a 503 `OpenAIError`.
-
-    Each output is awaited in this task (no helper task), so a cancelled consumer can close `stream`.
-    """
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    try:
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    output = await anext(stream)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise RequestTimeout(f"the request took longer than {timeout_s:g} s and was aborted") from None
-            except ENGINE_FAILURES as err:
-                raise OpenAIError(503, str(err), kind="server_error", headers={"Retry-After": "1"}) from err
-            yield output
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]  # aborts the request if it has not ended
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()

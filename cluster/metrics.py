@@ -2,11 +2,17 @@
 
 Engines keep plain counters and histograms (`scheduler_service/metrics.py`); a prometheus-client
 registry inside an actor would be invisible here, so the ingress asks each replica for its stats
-and renders them with `model` and `replica` labels (DESIGN §7).
+and renders them with `model` and `replica` labels.
+
+A replica that is down (dead, restarting, or its engine loop stopped) shows `up 0` and none of its other
+series: its last numbers are not served as if it were alive. Requests the ingress refuses itself
+(before any engine sees them) are counted here, under `replica="ingress"`; engines count their own.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -21,6 +27,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # name → help, for every metric this page can hold (the dashboard and alert tests read this list).
 METRICS = {
+    "up": "1 if the engine replica answers and its engine loop runs; 0 if it is dead, restarting or stopped.",
     "num_requests_running": "Requests holding cache blocks (running).",
     "num_requests_waiting": "Requests waiting to be admitted (new or preempted).",
     "kv_cache_usage_perc": "Fraction of cache blocks holding KV requests.",
@@ -38,7 +45,9 @@ METRICS = {
     "generation_tokens_total": "Tokens generated.",
     "generation_tokens_by_cache_type_total": "Tokens generated, by the cache type their request held.",
     "request_success_total": "Requests ended, by finish reason (stop, length, abort, error).",
-    "requests_rejected_total": "Requests refused at admission, by reason (invalid, queue_full).",
+    "requests_rejected_total": "Requests refused, by reason: by an engine at admission (invalid, queue_full), or "
+    "by the ingress before any engine (replica=\"ingress\": invalid, not_found, too_large, already_exists, "
+    "unavailable).",
     "time_to_first_token_seconds": "Time from arrival to the first token.",
     "inter_token_latency_seconds": "Time between consecutive tokens of a request.",
     "e2e_request_latency_seconds": "Time from arrival to the last token of finished requests.",
@@ -48,6 +57,25 @@ METRICS = {
 }
 
 
+INGRESS = "ingress"  # the replica label of the ingress's own counters
+
+
+class IngressCounters:
+    """Requests the ingress refused itself, by reason; incremented from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rejected: Counter[str] = Counter()
+
+    def reject(self, reason: str) -> None:
+        with self._lock:
+            self._rejected[reason] += 1
+
+    def rejected(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._rejected)
+
+
 def _histogram(name: str, labels: list[str], values: list[str], hist: Histogram, family: dict) -> None:
     metric = family.setdefault(name, HistogramMetricFamily(PREFIX + name, METRICS[name], labels=labels))
     buckets = [("+Inf" if bound == float("inf") else repr(bound), count) for bound, count in hist.cumulative()]
@@ -55,8 +83,10 @@ def _histogram(name: str, labels: list[str], values: list[str], hist: Histogram,
 
 
 class _ReplicaCollector(Collector):
-    def __init__(self, model: str, replicas: Iterable[tuple[str, EngineStats]]) -> None:
-        self.model, self.replicas = model, list(replicas)
+    def __init__(
+        self, model: str, replicas: Iterable[tuple[str, EngineStats | None]], ingress: dict[str, int]
+    ) -> None:
+        self.model, self.replicas, self.ingress = model, list(replicas), ingress
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
@@ -73,6 +103,9 @@ class _ReplicaCollector(Collector):
             metric.add_metric([self.model, replica, *(extra or {}).values()], value)
 
         for replica, stats in self.replicas:
+            gauge("up", 0 if stats is None else 1)
+            if stats is None:
+                continue
             cache, metrics = stats.cache, stats.metrics
             gauge("num_requests_running", stats.num_running)
             gauge("num_requests_waiting", stats.num_waiting)
@@ -104,11 +137,17 @@ class _ReplicaCollector(Collector):
             _histogram("inter_token_latency_seconds", labels, values, metrics.inter_token_latency, families)
             _histogram("e2e_request_latency_seconds", labels, values, metrics.e2e_request_latency, families)
             _histogram("scheduler_iteration_seconds", labels, values, metrics.scheduler_iteration, families)
+        replica = INGRESS
+        for reason, count in sorted(self.ingress.items()):
+            counter("requests_rejected_total", count, {"reason": reason})
         yield from families.values()
 
 
-def render(model: str, replicas: Iterable[tuple[str, EngineStats]]) -> bytes:
-    """The Prometheus text page for these (replica name, stats) pairs."""
+def render(
+    model: str, replicas: Iterable[tuple[str, EngineStats | None]], ingress: dict[str, int] | None = None
+) -> bytes:
+    """The Prometheus text page for these (replica name, stats or None when down) pairs and the
+    ingress's own rejections."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_ReplicaCollector(model, replicas))
+    registry.register(_ReplicaCollector(model, replicas, ingress or {}))
     return generate_latest(registry)

@@ -1,16 +1,43 @@
 """OpenAI-compatible request bodies and error shapes (the subset the engine serves).
 
 Fields follow OpenAI's API plus vLLM's extras (`top_k`, `ignore_eos`, `stop_token_ids`) and ours
-(`cache_type`). Unknown fields are ignored, as vLLM does, so stock clients work.
+(`cache_type`). A known field that would change the output and is not implemented (`logprobs`,
+penalties, `tools`, ...) is refused with a 400 naming it when set to anything but its "off" value;
+fields that change nothing (`user`, `metadata`, ...) and unknown ones are ignored, as vLLM does, so
+stock clients work.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cluster.errors import Failure, InvalidField
+from cluster.request_params import sampling_params
 from hybrid_cache.plan import SamplingParams
+
+# Fields of OpenAI's and vLLM's APIs that would change the output and are not implemented here, each
+# with the values that mean "off" (what stock clients send when their user did not set the field).
+UNSUPPORTED: dict[str, tuple[object, ...]] = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "prompt_logprobs": (None,), "echo": (None, False),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
+    "length_penalty": (None, 1, 1.0), "logit_bias": (None, {}), "min_p": (None, 0, 0.0), "min_tokens": (None, 0),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
+    "functions": (None, []), "function_call": (None, "none", "auto"), "parallel_tool_calls": (None,),
+    "suffix": (None, ""), "use_beam_search": (None, False), "allowed_token_ids": (None,),
+    "bad_words": (None, []), "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True), "truncate_prompt_tokens": (None,), "logits_processors": (None,),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,), "structured_outputs": (None,),
+    "prediction": (None,), "modalities": (None, ["text"]), "audio": (None,), "reasoning_effort": (None,),
+    "top_a": (None, 0, 0.0), "typical_p": (None, 1, 1.0), "mirostat": (None, 0),
+}
+
+
+def _is_off(value: object, offs: tuple[object, ...]) -> bool:
+    # `type(...) is` as well: False == 0 and 1 == True must not pass for each other.
+    return any(value is off or (type(value) is type(off) and value == off) for off in offs)
 
 
 class OpenAIError(Exception):
@@ -27,6 +54,12 @@ class OpenAIError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
         self.headers = headers or {}
+
+    @classmethod
+    def of(cls, failure: Failure, retry_after_s: int) -> OpenAIError:
+        kind = failure.kind
+        headers = {"Retry-After": str(retry_after_s)} if kind.retry_later else None
+        return cls(kind.status, failure.message, kind.openai_type, failure.param, headers)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
@@ -56,6 +89,15 @@ class _SamplingFields(BaseModel):
     ttft_slo_ms: float | None = Field(None, gt=0, description="this request's time-to-first-token SLO")
     tbt_slo_ms: float | None = Field(None, gt=0, description="this request's time-between-tokens SLO")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for name, offs in UNSUPPORTED.items():
+                if name in data and not _is_off(data[name], offs):
+                    raise InvalidField(name, f"`{name}` is not supported by this server; leave it unset")
+        return data
+
     @field_validator("n")
     @classmethod
     def _one_choice(cls, n: int) -> int:
@@ -71,37 +113,17 @@ class _SamplingFields(BaseModel):
         return best_of
 
     def sampling_params(self, prompt_len: int, max_model_len: int) -> SamplingParams:
-        """Engine sampling params; `max_tokens` defaults to what the context leaves, and may not exceed it."""
-        room = max_model_len - prompt_len
-        if room <= 0:
-            raise OpenAIError(
-                400,
-                f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
-                f"{prompt_len} tokens (at least one must be left to generate)",
-                param="prompt",
-            )
-        max_tokens = self.max_tokens if self.max_tokens is not None else room
-        if self.max_tokens is not None and prompt_len + self.max_tokens > max_model_len:
-            raise OpenAIError(
-                400,
-                f"This model's maximum context length is {max_model_len} tokens, but {prompt_len} prompt tokens "
-                f"plus max_tokens={self.max_tokens} exceed it",
-                param="max_tokens",
-            )
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        try:
-            return SamplingParams(
-                max_tokens=max_tokens,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=max(self.top_k, 0),  # vLLM uses -1 for "off"
-                seed=self.seed,
-                stop=tuple(stop),
-                stop_token_ids=tuple(self.stop_token_ids or ()),
-                ignore_eos=self.ignore_eos,
-            )
-        except ValueError as err:
-            raise OpenAIError(400, str(err)) from err
+        """Engine sampling params (`cluster/request_params.py`). Raises `InvalidField`."""
+        return sampling_params(
+            prompt_len, max_model_len, max_tokens=self.max_tokens, temperature=self.temperature,
+            top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop_token_ids=self.stop_token_ids or (), ignore_eos=self.ignore_eos,
+        )
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return tuple([self.stop] if isinstance(self.stop, str) else self.stop or [])
 
 
 class CompletionRequest(_SamplingFields):

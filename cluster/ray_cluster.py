@@ -2,7 +2,9 @@
 
 Replicas are named, detached actors (`<prefix>-<i>` in the `aptserve` namespace): every ingress
 replica that starts finds the same engines, and they outlive any one of them. `stop_engine_replicas`
-ends them.
+ends them. A replica actor that dies is restarted by Ray (`parallel.max_replica_restarts`): Ray runs its
+constructor again, which builds a new engine; handles stay valid, and the router (`cluster/router.py`)
+skips the replica until it answers again.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def start_engine_replicas(config: AptServeConfig, name_prefix: str = "aptserve-e
     handles = [
         actor.options(
             name=f"{name_prefix}-{index}", namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
-            num_cpus=0, max_concurrency=10_000,
+            num_cpus=0, max_concurrency=10_000, max_restarts=config.parallel.max_replica_restarts,
         ).remote(_engine_for, config)
         for index in range(config.parallel.replicas)
     ]

@@ -9,11 +9,11 @@ finds the same engines. It also renders `/metrics` from every replica's statisti
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
@@ -21,14 +21,17 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from cluster.config import AptServeConfig, load_config
 from cluster.engine_client import EngineClient
-from cluster.gateways import ENGINE_FAILURES, ReplicaRouter
+from cluster.errors import Failure, InvalidField, Kind, ModelNotFound, classify
+from cluster.gateways import UP, serving
 from cluster.grpc_gen import aptserve_pb2 as pb
 from cluster.http_server import Frontend, build_app, install_frontend
 from cluster.ray_cluster import find_engine_replicas, start_engine_replicas, stop_engine_replicas
 from cluster.ray_runtime import ensure_ray
+from cluster.request_params import sampling_params
+from cluster.router import ReplicaRouter
+from cluster.streams import Deadline, TextDeltas
 from cluster.tokenizer import Tokenizer
 from hybrid_cache.plan import SamplingParams
-from scheduler_service.engine import QueueFull
 
 GRPC_SERVICER = "cluster.grpc_gen.aptserve_pb2_grpc.add_AptServeServicer_to_server"
 APP_NAME = "aptserve"
@@ -40,76 +43,83 @@ fastapi_app = build_app()  # serves the frontend each ingress replica installs i
 class AptServeIngress:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AptServeConfig.model_validate(config)
+        server = self.config.server
         handles = start_engine_replicas(self.config)
         info = ray.get(handles[0].model_info.remote())
-        router = ReplicaRouter([EngineClient(h) for h in handles], info["max_model_len"], info["vocab_size"])
+        clients = [EngineClient(h, call_timeout_s=server.replica_call_timeout_s) for h in handles]
+        router = ReplicaRouter(clients, info["max_model_len"], info["vocab_size"], server.replica_probe_interval_s)
         self.tokenizer = Tokenizer(self.config.model.path)
         self.model_name = self.config.model_name
-        self.frontend = Frontend(router, self.tokenizer, self.model_name, self.config.server.request_timeout_s)
+        self.frontend = Frontend(router, self.tokenizer, self.model_name, server.request_timeout_s,
+                                 retry_after_s=server.retry_after_s, max_body_bytes=server.max_body_bytes)
         install_frontend(self.frontend)
 
-    # -- gRPC (aptserve.v1.AptServe) --------------------------------------------------------------
+    # -- gRPC (aptserve.v1.AptServe): the same checks, answers and streams as HTTP ----------------------
     async def Generate(  # noqa: N802 - the RPC's name
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        received_at = time.time()
+        f, gateway = self.frontend, self.frontend.gateway
         try:
             prompt, params = self._grpc_request(request)
-            request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
-            stream = await self.frontend.gateway.generate(
+        except Exception as err:  # noqa: BLE001 - refused before any engine saw it
+            _fail(grpc_context, f.refused(err))
+        request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        try:
+            stream = await gateway.generate(
                 prompt, params, request_id, request.cache_type or None,
                 request.ttft_slo_ms / 1000 if request.HasField("ttft_slo_ms") else None,
                 request.tbt_slo_ms / 1000 if request.HasField("tbt_slo_ms") else None,
+                received_at=received_at,
             )
-        except QueueFull as err:
-            _fail(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-        except LookupError as err:
-            _fail(grpc_context, grpc.StatusCode.NOT_FOUND, str(err).strip("'\""))
-        except ValueError as err:
-            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        sent = 0
+        except Exception as err:  # noqa: BLE001 - refused by the router or at admission
+            _fail(grpc_context, f.refused(err, engine_checked=True, param="prompt"))
+
+        async def timed_out() -> None:
+            await gateway.abort(request_id, reason="timeout")
+
+        outputs = Deadline(stream, f.request_timeout_s, on_timeout=timed_out)
+        deltas = TextDeltas(tuple(request.stop))
         try:
-            async for output in stream:
-                if output.finish_reason == "error":
-                    _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, output.error or "the model workers failed")
-                delta, sent = output.text[sent:], len(output.text)
+            async for output in outputs:
+                if output.finish_reason in _ENDED_BY:
+                    _fail(grpc_context, _ENDED_BY[output.finish_reason])
                 yield pb.GenerateResponse(
-                    request_id=request_id, new_token_ids=output.new_token_ids, text_delta=delta,
+                    request_id=request_id, new_token_ids=output.new_token_ids, text_delta=deltas.next(output),
                     finished=output.finished, finish_reason=output.finish_reason or "",
                     prompt_tokens=len(output.prompt_token_ids), completion_tokens=len(output.token_ids),
                 )
-        except ENGINE_FAILURES as err:
-            _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, str(err))
+        except GrpcRequestError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a timeout, an Abort, or the engine failed under it
+            _fail(grpc_context, classify(err))
+        finally:
+            await outputs.aclose()  # a client that cancelled its call (or any early end) aborts the request
 
     def _grpc_request(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
         if request.model != self.model_name:
-            raise LookupError(f"the model `{request.model}` does not exist (serving `{self.model_name}`)")
+            raise ModelNotFound(f"the model `{request.model}` does not exist (serving `{self.model_name}`)")
         if bool(request.prompt) == bool(request.prompt_token_ids):
-            raise ValueError("give exactly one of prompt and prompt_token_ids")
-        prompt = self.tokenizer.encode(request.prompt) if request.prompt else list(request.prompt_token_ids)
-        max_model_len = self.frontend.gateway.max_model_len
-        room = max_model_len - len(prompt)
-        if room <= 0:
-            raise ValueError(f"the prompt has {len(prompt)} tokens but the model's context is {max_model_len} tokens")
-        max_tokens = request.max_tokens if request.HasField("max_tokens") else room
-        if max_tokens > room:
-            raise ValueError(f"max_tokens ({max_tokens}) exceeds what the context leaves ({room})")
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=request.temperature if request.HasField("temperature") else 1.0,
-            top_p=request.top_p if request.HasField("top_p") else 1.0,
-            top_k=request.top_k if request.HasField("top_k") else 0,
-            seed=request.seed if request.HasField("seed") else None,
-            stop=tuple(request.stop),
-            ignore_eos=request.ignore_eos,
+            raise InvalidField("prompt", "give exactly one of prompt and prompt_token_ids")
+        prompt = self.frontend.encode(request.prompt) if request.prompt else list(request.prompt_token_ids)
+        given = {name: getattr(request, name) for name in _OPTIONAL if request.HasField(name)}
+        params = sampling_params(
+            len(prompt), self.frontend.gateway.max_model_len, stop=tuple(request.stop),
+            ignore_eos=request.ignore_eos, **given,
         )
         return prompt, params
 
-    async def Abort(self, request: pb.AbortRequest) -> pb.AbortResponse:  # noqa: N802
-        await self.frontend.gateway.abort(request.request_id)
+    async def Abort(self, request: pb.AbortRequest, grpc_context: RayServegRPCContext) -> pb.AbortResponse:  # noqa: N802
+        try:
+            await self.frontend.gateway.abort(request.request_id)
+        except Exception as err:  # noqa: BLE001 - answered by its kind, never a traceback
+            _fail(grpc_context, classify(err))
         return pb.AbortResponse(aborted=True)
 
     async def Health(self, request: pb.HealthRequest) -> pb.HealthResponse:  # noqa: N802
-        return pb.HealthResponse(status="ok" if await self.frontend.gateway.healthy() else "engine stopped")
+        states = await self.frontend.gateway.health()
+        status = ("ok" if all(s == UP for s in states.values()) else "degraded") if serving(states) else "unavailable"
+        return pb.HealthResponse(status=status)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest) -> pb.ModelInfoResponse:  # noqa: N802
         gateway = self.frontend.gateway
@@ -117,14 +127,24 @@ class AptServeIngress:
                                     vocab_size=gateway.vocab_size, replicas=gateway.num_replicas)
 
 
+# Optional GenerateRequest fields that map one to one onto sampling fields (unset: the default).
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+
+# Streams the engine ended without a result: the status the RPC ends with.
+_ENDED_BY = {
+    "error": Failure(Kind.UNAVAILABLE, "the model's engine failed while running this request"),
+    "abort": Failure(Kind.CANCELLED, "the request was aborted"),
+}
+
+
 class GrpcRequestError(Exception):
     """Ends an RPC with the status code set on its context (Serve's proxy keeps a code set before raising)."""
 
 
-def _fail(context: RayServegRPCContext, code: grpc.StatusCode, message: str) -> None:
-    context.set_code(code)
-    context.set_details(message)
-    raise GrpcRequestError(message)
+def _fail(context: RayServegRPCContext, failure: Failure) -> None:
+    context.set_code(failure.kind.grpc_code)
+    context.set_details(failure.message)
+    raise GrpcRequestError(failure.message)
 
 
 def build_application(config: AptServeConfig) -> serve.Application:

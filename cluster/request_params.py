@@ -1,0 +1,49 @@
+"""The one place a request's sampling fields become engine `SamplingParams`, for HTTP and gRPC alike.
+
+`SamplingParams` itself validates every value (and names the field at fault); this adds what only the
+front end knows: the context the prompt leaves, which bounds `max_tokens` and is its default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cluster.errors import InvalidField
+from hybrid_cache.plan import SamplingParams
+
+FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "stop", "ignore_eos")
+
+
+def sampling_params(
+    prompt_len: int,
+    max_model_len: int,
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+) -> SamplingParams:
+    """Engine sampling params (None: the engine's default); `max_tokens` defaults to what the context
+    leaves and may not exceed it. Raises `InvalidField` naming the field at fault."""
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise InvalidField("prompt", f"This model's maximum context length is {max_model_len} tokens, but the "
+                           f"prompt has {prompt_len} tokens (at least one must be left to generate)")
+    if max_tokens is not None and prompt_len + max_tokens > max_model_len:
+        raise InvalidField("max_tokens", f"This model's maximum context length is {max_model_len} tokens, but "
+                           f"{prompt_len} prompt tokens plus max_tokens={max_tokens} exceed it")
+    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
+    try:
+        return SamplingParams(
+            max_tokens=room if max_tokens is None else max_tokens,
+            stop=tuple(stop), stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos,
+            **{name: value for name, value in given.items() if value is not None},
+        )
+    except (ValueError, TypeError, OverflowError) as err:
+        message = str(err)
+        param = next((name for name in FIELDS if message.startswith(name) or f"`{name}`" in message), None)
+        raise InvalidField(param, message) from err

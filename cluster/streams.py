@@ -1,0 +1,117 @@
+"""A request's output stream as the front ends send it: text deltas and the request's deadline.
+
+HTTP (`cluster/http_server.py`) and gRPC (`cluster/serve_app.py`) both send text through `TextDeltas`
+and bound every stream with `Deadline`, so the two answer the same request the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from cluster.errors import RequestTimeout
+from scheduler_service.request import RequestOutput
+
+
+def visible(text: str, stops: tuple[str, ...], finished: bool) -> str:
+    """Text safe to send: hold back what a stop string may still cut, and half-decoded characters."""
+    if finished:
+        return text
+    if stops:
+        text = text[: max(0, len(text) - (max(len(s) for s in stops) - 1))]
+    return text.rstrip("\ufffd")
+
+
+class TextDeltas:
+    """The new text of each output of one request: what became safe to send since the last one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.sent = 0
+
+    def next(self, output: RequestOutput) -> str:
+        text = visible(output.text, self.stops, output.finished)
+        delta = text[self.sent:]
+        self.sent = max(self.sent, len(text))
+        return delta
+
+
+class RequestStream:
+    """A request's outputs, closed exactly once however its consumer ends: by reading to the finished
+    output, on an error, or by `aclose()`, even if it never read anything (a client gone before the
+    body started). Closing a stream that has not finished abandons its request (`abandon()`, which
+    aborts it and must not wait); `closed(error)` then does the gateway's bookkeeping.
+    """
+
+    def __init__(
+        self,
+        inner: AsyncIterator[RequestOutput],
+        abandon: Callable[[], None],
+        closed: Callable[[BaseException | None], None] | None = None,
+    ) -> None:
+        self._inner, self._abandon, self._closed_hook = inner, abandon, closed
+        self.finished = False
+        self._closed = False
+        self._error: BaseException | None = None
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            output = await anext(self._inner)
+        except StopAsyncIteration:
+            self.finished = True
+            await self.aclose()
+            raise
+        except Exception as err:  # the engine ended the request with an error: nothing left to abort
+            self.finished, self._error = True, err
+            await self.aclose()
+            raise
+        if output.finished:
+            self.finished = True
+        return output
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self.finished:
+                self._abandon()
+            await self._inner.aclose()  # type: ignore[attr-defined]
+        finally:
+            if self._closed_hook is not None:
+                self._closed_hook(self._error)
+
+
+class Deadline:
+    """`stream`, ended with `RequestTimeout` once `timeout_s` have passed (after `on_timeout()`, which
+    aborts the request as timed out); closing this closes `stream`.
+
+    Each output is awaited in the consumer's task (no helper task), so a cancelled consumer can close it.
+    """
+
+    def __init__(
+        self, stream: RequestStream, timeout_s: float, on_timeout: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        self.stream, self.timeout_s, self.on_timeout = stream, timeout_s, on_timeout
+        self._deadline = asyncio.get_running_loop().time() + timeout_s
+
+    def __aiter__(self) -> Deadline:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                return await anext(self.stream)
+        except TimeoutError:
+            if self.on_timeout is not None:
+                await self.on_timeout()
+            await self.aclose()
+            raise RequestTimeout(f"the request took longer than {self.timeout_s:g} s and was aborted") from None
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

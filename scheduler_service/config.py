@@ -14,7 +14,7 @@ class SchedulerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    policy: Literal["fcfs", "apt"] = Field("fcfs", description="fcfs (vLLM-like) or apt (adaptive, DESIGN §2)")
+    policy: Literal["fcfs", "apt"] = Field("fcfs", description="fcfs (vLLM-like) or apt (adaptive, see docs/ARCHITECTURE.md)")
     cache_mode: CacheMode = Field(
         "kv", description="kv: K/V only; hidden: x only; hybrid: the policy picks per request"
     )
@@ -44,4 +44,10 @@ class SchedulerConfig(BaseModel):
         ge=0.0,
         le=1.0,
         description="hybrid FCFS converts a hidden request to KV only if this share of blocks stays free after",
+    )
+    caller_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="an engine replica's caller (an ingress) that neither polls nor adds a request for this long "
+        "is presumed gone: its requests are aborted (reason 'server') and its undelivered outputs dropped",
     )

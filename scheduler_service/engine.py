@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hybrid_cache.layout import HiddenCacheUnavailable
 from hybrid_cache.manager import CacheManager, CacheUsage
-from hybrid_cache.plan import CacheType, SamplingParams
+from hybrid_cache.plan import BatchPlan, CacheType, SamplingParams
 from hybrid_cache.timing import StepTimer
 from scheduler_service.config import SchedulerConfig
-from scheduler_service.executor import Detokenizer, Executor, ExecutorFailed
+from scheduler_service.executor import Detokenizer, Executor, ExecutorFailed, SequenceFailed
 from scheduler_service.metrics import EngineMetrics
 from scheduler_service.output import append_token
 from scheduler_service.policies import allowed_cache_types, make_policy
 from scheduler_service.request import FinishReason, Request, RequestOutput, RequestStatus
-from scheduler_service.scheduler import Scheduler
+from scheduler_service.scheduler import ScheduledStep, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class EngineStats:
     num_steps: int
     num_preemptions: int
     num_conversions: int
-    num_failed_steps: int  # steps lost to a worker failure (their running requests ended with an error)
+    num_failed_steps: int  # steps that failed (the requests they touched ended with an error, or were preempted)
     tokens_by_cache_type: dict[str, int]  # generated tokens, by the cache type their request held
     # Cumulative seconds: engine-side `scheduling` and `execute` (the executor call, Ray included), and the
     # executor's `model` (rank 0's forward and sampling), `attention` (within model), `recompute` (within attention).
@@ -51,17 +51,35 @@ class EngineStats:
     alpha: float  # seconds of K/V recompute per block of hidden history per step (measured or configured)
     recompute_fixed_seconds: float
     metrics: EngineMetrics  # a copy: counters and latency histograms for Prometheus
+    # Steps where the policy raised or scheduled nothing with work pending, and FCFS decided instead:
+    # zero unless a policy has a bug (the soak test asserts it).
+    num_policy_fallbacks: int = 0
+    # False once the engine loop has stopped (shut down, or failed beyond recovery): the numbers above
+    # are then the last ones, not a live engine's. The serving layer renders it as an `up` gauge.
+    healthy: bool = True
 
 
 class QueueFull(RuntimeError):
     """The waiting queue holds `max_waiting` requests: retry later (HTTP 503 with Retry-After)."""
 
 
-class Engine:
-    """Runs requests to completion through an `Executor`. Not thread-safe: one caller drives `step()`.
+# Why a request was aborted: its client went away or asked (`client`), the serving layer's request
+# timeout ran out (`timeout`), or the server ended it (`server`, e.g. a caller that stopped polling).
+ABORT_REASONS = ("client", "timeout", "server")
+_INTERNAL_ERROR = "the request failed in the engine (internal error); other requests are unaffected"
+_WORKERS_FAILED = "the model workers failed while running this request; retry it"
 
-    Every request ends finished (stop or length), aborted, or is rejected by `add_request` — with a
-    ValueError that names the problem, or QueueFull — and a rejected request changes nothing.
+
+class Engine:
+    """Runs requests to completion through an `Executor`. Not thread-safe: one caller drives `step()`
+    (`validate`, `check_capacity`, `count_rejection` and `arrival_from_wall` may be called from others).
+
+    Every request ends finished (stop or length), aborted, ended with an error, or is rejected by
+    `add_request` — with a ValueError that names the problem, or QueueFull — and a rejected request
+    changes nothing. `step()` does not raise on a failed step: a failure traced to requests ends those
+    requests with an error (`finish_reason` "error", a message without internals; the details are
+    logged); a failure of unknown cause ends the requests of that step; either way their blocks are
+    freed and the next step serves everyone else.
     """
 
     def __init__(
@@ -98,8 +116,10 @@ class Engine:
         self.num_steps = self.num_preemptions = self.num_conversions = self.num_failed_steps = 0
         self.tokens_by_cache_type = {cache_type.value: 0 for cache_type in CacheType}
         self.num_rejected = {"invalid": 0, "queue_full": 0}
+        self._counts_lock = threading.Lock()  # rejections are counted from callers' threads too
         self.metrics = EngineMetrics()
         self.timer = StepTimer()
+        self._executor_timings: dict[str, float] = {}
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(
@@ -123,7 +143,7 @@ class Engine:
                 raise ValueError(f"request id {request_id!r} is already in use")
             prompt, override = self.validate(prompt_token_ids, params, cache_type, ttft_slo_s, tbt_slo_s)
         except ValueError:
-            self.num_rejected["invalid"] += 1
+            self.count_rejection("invalid")
             raise
         self.check_capacity()
         seq_id = next(self._seq_ids)
@@ -141,8 +161,24 @@ class Engine:
         """Raise QueueFull (and count it) when the waiting queue, plus `queued_elsewhere`, is full."""
         limit = self.config.max_waiting
         if limit is not None and len(self.scheduler.waiting) + queued_elsewhere >= limit:
-            self.num_rejected["queue_full"] += 1
+            self.count_rejection("queue_full")
             raise QueueFull(f"the waiting queue is full ({limit} requests): retry later")
+
+    def count_rejection(self, reason: str) -> None:
+        """Count a refused request once (thread-safe). `queue_full` refusals are also SLO misses:
+        the benchmark counts a request the server turned away as one that missed."""
+        with self._counts_lock:
+            self.num_rejected[reason] = self.num_rejected.get(reason, 0) + 1
+            if reason == "queue_full":
+                self.metrics.on_refused()
+
+    def arrival_from_wall(self, received_at: float | None) -> float:
+        """The engine-clock time of a request the ingress received at wall-clock `received_at`
+        (`time.time()` there), so that TTFT counts from the ingress's receipt; None means now."""
+        now = self.clock()
+        if received_at is None:
+            return now
+        return now - max(0.0, time.time() - received_at)
 
     def validate(
         self,
@@ -157,6 +193,10 @@ class Engine:
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
         prompt = self._check_prompt(prompt_token_ids)
+        vocab = self.info.vocab_size
+        for token in params.stop_token_ids:
+            if not 0 <= token < vocab:
+                raise ValueError(f"stop_token_ids holds {token}, outside the vocabulary (ids 0..{vocab - 1})")
         try:
             override = CacheType(cache_type) if cache_type is not None else None
         except ValueError:
@@ -164,8 +204,7 @@ class Engine:
         layout = self.cache.layout
         if override is CacheType.HIDDEN and not layout.hidden_allowed:
             raise HiddenCacheUnavailable(f"cache_type 'hidden' refused: {layout.hidden_unavailable_reason}")
-        self._check_fits(len(prompt), params, override)
-        return prompt, override
+        return prompt, self._admission_type(len(prompt), params, override)
 
     def _check_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
         prompt = list(prompt_token_ids)
@@ -183,22 +222,33 @@ class Engine:
             )
         return prompt
 
-    def _check_fits(self, prompt_len: int, params: SamplingParams, override: CacheType | None) -> None:
-        # A request that cannot fit alone at its longest would be preempted for ever: refuse it now.
+    def _admission_type(self, prompt_len: int, params: SamplingParams, override: CacheType | None) -> CacheType | None:
+        """The cache type the request must use (None: the policy picks), so that it fits alone at its longest.
+
+        A request that cannot fit alone at its longest would be preempted for ever: refused now. One
+        whose KV blocks at its longest exceed the whole cache but whose hidden blocks fit is pinned to
+        hidden, so no policy admits it as KV (or converts it to KV) only to see it outgrow the cache.
+        """
         longest = min(prompt_len + params.max_tokens, self.info.max_model_len)
         allowed = allowed_cache_types(override, self.config.cache_mode, self.cache.layout)
-        need = min(self.cache.blocks_needed(longest, t) for t in allowed)
-        if need > self.cache.num_blocks:
+        fitting = [t for t in allowed if self.cache.blocks_needed(longest, t) <= self.cache.num_blocks]
+        if not fitting:
+            need = min(self.cache.blocks_needed(longest, t) for t in allowed)
             raise ValueError(
                 f"the request needs {need} cache blocks at its longest ({longest} tokens) "
                 f"but the cache has {self.cache.num_blocks} blocks"
             )
+        return fitting[0] if len(fitting) < len(allowed) else override
 
-    def abort(self, request_id: str) -> bool:
-        """End a request now; its final output (reason `abort`) comes with the next `step()`."""
+    def abort(self, request_id: str, reason: str = "client") -> bool:
+        """End a request now; its final output (reason `abort`) comes with the next `step()`.
+
+        `reason` (one of ABORT_REASONS) is counted in the metrics; every abort is an SLO miss.
+        """
         request = self.requests.get(request_id)
         if request is None or request.is_finished:
             return False
+        request.abort_reason = reason
         self._finish(request, FinishReason.ABORT)
         self._aborted.append(request)
         return True
@@ -216,49 +266,115 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; return an output for every request that got a token or ended."""
+        """Run one iteration; return an output for every request that got a token or ended.
+
+        Never raises for a failed step (see the class docstring); the failure is logged and counted in
+        `num_failed_steps`.
+        """
         outputs = [self._output(r, []) for r in self._aborted]
         self._aborted = []
         started = time.perf_counter()
-        with self.timer.measure("scheduling"):
-            step = self.scheduler.schedule(self.clock())
+        try:
+            with self.timer.measure("scheduling"):
+                step = self.scheduler.schedule(self.clock())
+        except Exception as err:  # noqa: BLE001 - the scheduler's state is unknown: end what it held
+            log.exception("scheduling failed")
+            return outputs + self.recover(err)
         self.metrics.scheduler_iteration.observe(time.perf_counter() - started)
         self.num_preemptions += step.num_preempted
         self.num_conversions += step.num_converted
+        outputs += [self._fail(request, message) for request, message in step.failed]
         if not step.requests:
-            if self.scheduler.waiting and not self.scheduler.running:
-                raise RuntimeError("the scheduler admitted nothing with nothing running: a policy bug")
             if step.plan.finished_seq_ids:
-                self.executor.execute(step.plan)  # lets workers drop per-request state
+                self._forget(step.plan)
             return outputs
         try:
             with self.timer.measure("execute"):
                 tokens = self.executor.execute(step.plan)
+            if len(tokens) != len(step.requests):
+                raise RuntimeError(f"the executor returned {len(tokens)} tokens for {len(step.requests)} sequences")
         except ExecutorFailed as err:
+            self.scheduler.requeue_finished(step.plan.finished_seq_ids)
             return outputs + self._fail_running(str(err))
+        except SequenceFailed as err:
+            self.scheduler.requeue_finished(step.plan.finished_seq_ids)
+            return outputs + self._fail_traced(step, err)
+        except Exception as err:  # noqa: BLE001 - unknown cause: the requests of this step end, the engine goes on
+            log.exception("a step of %d sequences failed", len(step.requests))
+            self.scheduler.requeue_finished(step.plan.finished_seq_ids)
+            return outputs + self._fail_step(step.requests, _INTERNAL_ERROR)
         self.scheduler.end_step(step)
         self.num_steps += 1
         now = self.clock()
         for request, token in zip(step.requests, tokens):
-            self.tokens_by_cache_type[request.cache_type.value] += 1
-            request.token_times.append(now)
-            self.metrics.on_token(request)
-            reason = append_token(request, token, self.info.eos_token_ids, self.info.max_model_len, self.detokenizer)
-            if reason is not None:
-                self._finish(request, reason)
-            outputs.append(self._output(request, [token]))
+            try:
+                outputs.append(self._apply_token(request, token, now))
+            except Exception:  # noqa: BLE001 - e.g. the detokenizer on this request's tokens: it alone fails
+                log.exception("could not apply a token to %s", request.request_id)
+                outputs.append(self._fail(request, _INTERNAL_ERROR))
         return outputs
+
+    def _apply_token(self, request: Request, token: int, now: float) -> RequestOutput:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.info.vocab_size:
+            raise ValueError(f"the executor sampled {token!r}, not a token id")
+        self.tokens_by_cache_type[request.cache_type.value] += 1
+        request.token_times.append(now)
+        self.metrics.on_token(request)
+        reason = append_token(request, token, self.info.eos_token_ids, self.info.max_model_len, self.detokenizer)
+        if reason is not None:
+            self._finish(request, reason)
+        return self._output(request, [token])
+
+    def _forget(self, plan: BatchPlan) -> None:
+        """A plan with no sequence only tells the workers which requests ended; a failure costs nothing."""
+        try:
+            self.executor.execute(plan)
+        except Exception:  # noqa: BLE001 - the ids are sent again with the next step
+            log.exception("could not tell the workers that %d requests ended", len(plan.finished_seq_ids))
+            self.scheduler.requeue_finished(plan.finished_seq_ids)
+
+    def _fail(self, request: Request, message: str) -> RequestOutput:
+        """End one request with an error (its blocks are freed) and return its final output."""
+        request.error = message
+        if not request.is_finished:
+            self._finish(request, FinishReason.ERROR)
+        return self._output(request, [])
 
     def _fail_running(self, reason: str) -> list[RequestOutput]:
         """The workers lost their caches: end every running request with an error (waiting ones stay)."""
-        log.error("step failed, ending %d running requests: %s", len(self.scheduler.running), reason)
-        self.cache.end_step()  # blocks a planned conversion would have released
-        failed = list(self.scheduler.running)
-        for request in failed:
-            request.error = f"the model workers failed: {reason}"
-            self._finish(request, FinishReason.ERROR)
+        log.error("the workers failed, ending %d running requests: %s", len(self.scheduler.running), reason)
+        return self._fail_step(list(self.scheduler.running), _WORKERS_FAILED)
+
+    def _fail_traced(self, step: ScheduledStep, err: SequenceFailed) -> list[RequestOutput]:
+        """Only the named sequences caused the failure: they end with its message. The rest of the
+        step is preempted (what the workers wrote for it this step is unknown) and runs again later."""
+        named = set(err.seq_ids)
+        log.error("a step failed because of sequences %s: %s", sorted(named), err.message)
         self.num_failed_steps += 1
-        return [self._output(r, []) for r in failed]
+        outputs = []
+        for request in step.requests:
+            if request.seq_id in named:
+                outputs.append(self._fail(request, err.message))
+            elif request.status is RequestStatus.RUNNING:
+                self.scheduler.preempt(request)
+                self.num_preemptions += 1
+        self.cache.end_step()  # blocks a planned conversion would have released
+        return outputs
+
+    def _fail_step(self, requests: list[Request], message: str) -> list[RequestOutput]:
+        self.num_failed_steps += 1
+        outputs = [self._fail(request, message) for request in requests]
+        self.cache.end_step()  # blocks a planned conversion would have released
+        return outputs
+
+    def recover(self, err: BaseException) -> list[RequestOutput]:
+        """After a failure outside a step's guarded parts: end every request in flight with an error
+        (freeing every block) so that the engine is consistent and serves new requests."""
+        log.error("recovering from %s: ending %d requests in flight", type(err).__name__, len(self.requests))
+        outputs = [self._output(r, []) for r in self._aborted]
+        self._aborted = []
+        in_flight = list(self.requests.values())
+        return outputs + self._fail_step(in_flight, _INTERNAL_ERROR)
 
     def _output(self, request: Request, new: list[int]) -> RequestOutput:
         return RequestOutput(
@@ -275,9 +391,12 @@ class Engine:
         )
 
     # -- reporting -----------------------------------------------------------------------------
-    def stats(self) -> EngineStats:
+    def stats(self, healthy: bool = True) -> EngineStats:
+        """A snapshot built now (call it from the thread that drives `step()`, or while it is paused)."""
         layout = self.cache.layout
         allowed = layout.hidden_allowed
+        with self._counts_lock:
+            rejected, metrics = dict(self.num_rejected), self.metrics.copy()
         return EngineStats(
             policy=self.config.policy,
             cache_mode=self.config.cache_mode if allowed else "kv",
@@ -289,18 +408,29 @@ class Engine:
             num_conversions=self.num_conversions,
             num_failed_steps=self.num_failed_steps,
             tokens_by_cache_type=dict(self.tokens_by_cache_type),
-            step_seconds=dict(self.timer.totals) | self.executor.timings(),
+            step_seconds=dict(self.timer.totals) | self._timings(healthy),
             block_size=layout.block_size,
             hidden_tokens_per_block=layout.tokens_per_block(CacheType.HIDDEN) if allowed else None,
             ratio=layout.ratio,
             kv_bytes_per_token_per_layer=layout.bytes_per_token_per_layer(CacheType.KV),
             hidden_bytes_per_token_per_layer=layout.bytes_per_token_per_layer(CacheType.HIDDEN),
             cache_bytes=self.info.cache_bytes,
-            num_rejected=dict(self.num_rejected),
+            num_rejected=rejected,
             alpha=self.alpha,
             recompute_fixed_seconds=self.info.cost.fixed_seconds,
-            metrics=copy.deepcopy(self.metrics),
+            metrics=metrics,
+            num_policy_fallbacks=self.scheduler.num_policy_fallbacks,
+            healthy=healthy,
         )
 
+    def _timings(self, healthy: bool) -> dict[str, float]:
+        """The executor's timings (the last ones known if it is stopped or cannot answer)."""
+        if healthy:
+            try:
+                self._executor_timings = self.executor.timings()
+            except Exception:  # noqa: BLE001 - statistics must not fail because a worker is down
+                log.warning("the executor's timings are unavailable", exc_info=True)
+        return dict(self._executor_timings)
 
-__all__ = ["Engine", "EngineStats", "QueueFull"]
+
+__all__ = ["ABORT_REASONS", "Engine", "EngineStats", "QueueFull"]

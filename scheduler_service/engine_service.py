@@ -5,24 +5,35 @@ CPU, and tests can drive it directly. Callers add requests and then long-poll fo
 `poll` returns every output the engine produced for that caller since the last poll, so outputs leave
 the engine once per step for all of a caller's requests, and a slow caller never blocks the loop
 (its outputs wait in its outbox).
+
+Nothing is orphaned: a caller that stops calling (it died, or lost a reply such as an `add_request`
+it cancelled after the actor had accepted it) is presumed gone after `caller_timeout_s` of silence
+with no poll in progress; its requests are aborted (reason "server") and its outbox is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from hybrid_cache.plan import CacheType, SamplingParams
-from scheduler_service.async_engine import AsyncEngine
+from scheduler_service.async_engine import AsyncEngine, RequestStream
 from scheduler_service.engine import Engine, EngineStats
 from scheduler_service.request import RequestOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Outbox:
     outputs: list[RequestOutput | tuple[str, str]] = field(default_factory=list)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    request_ids: set[str] = field(default_factory=set)  # its requests still streaming
+    last_seen: float = field(default_factory=time.monotonic)  # its last call (poll end, add_request)
+    polls_in_progress: int = 0
 
 
 class EngineService:
@@ -30,8 +41,27 @@ class EngineService:
 
     def __init__(self, build: Callable[..., Engine], *args: object) -> None:
         self.engine = AsyncEngine(build(*args))
+        self.caller_timeout_s = self.engine.engine.config.caller_timeout_s
         self._outboxes: dict[str, _Outbox] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self._reaper: asyncio.Task | None = None
+        self.num_callers_reaped = 0
+        # Reaped callers' aborted requests (and when): told to the caller if it polls again after all.
+        self._reaped: dict[str, tuple[float, list[str]]] = {}
+
+    def _outbox(self, caller: str) -> _Outbox:
+        """The caller's outbox, marked as seen now; starts the reaper on first use (needs a running loop)."""
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+        box = self._outboxes.get(caller)
+        if box is None:
+            box = self._outboxes[caller] = _Outbox()
+            _, aborted = self._reaped.pop(caller, (0.0, []))
+            box.outputs += [(rid, "aborted: the caller was silent for too long") for rid in aborted]
+            if box.outputs:
+                box.ready.set()
+        box.last_seen = time.monotonic()
+        return box
 
     async def add_request(
         self,
@@ -42,21 +72,32 @@ class EngineService:
         cache_type: CacheType | str | None = None,
         ttft_slo_s: float | None = None,
         tbt_slo_s: float | None = None,
+        *,
+        received_at: float | None = None,
     ) -> None:
-        """Queue a request; its outputs come from `poll(caller)`. Raises ValueError / QueueFull."""
-        stream = self.engine.generate(prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s)
-        box = self._outboxes.setdefault(caller, _Outbox())
+        """Queue a request; its outputs come from `poll(caller)`. Raises ValueError / QueueFull.
+
+        `received_at`: wall-clock time (`time.time()`) at which the ingress received it (TTFT counts from it).
+        """
+        stream = self.engine.generate(
+            prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s, received_at=received_at
+        )
+        box = self._outbox(caller)
+        box.request_ids.add(request_id)
         self._tasks[request_id] = asyncio.get_running_loop().create_task(self._forward(request_id, stream, box))
 
-    async def _forward(self, request_id: str, stream, box: _Outbox) -> None:  # noqa: ANN001 - an async stream
+    async def _forward(self, request_id: str, stream: RequestStream, box: _Outbox) -> None:
         try:
             async for output in stream:
                 box.outputs.append(output)
                 box.ready.set()
+        except asyncio.CancelledError:
+            raise  # aborted: the stream aborted the request as it was cancelled
         except Exception as err:  # noqa: BLE001 - the caller must learn why its stream ended
             box.outputs.append((request_id, f"{type(err).__name__}: {err}"))
             box.ready.set()
         finally:
+            box.request_ids.discard(request_id)
             self._tasks.pop(request_id, None)
 
     async def poll(self, caller: str, timeout_s: float) -> list[RequestOutput | tuple[str, str]]:
@@ -64,24 +105,63 @@ class EngineService:
 
         An item is a RequestOutput, or `(request_id, error message)` when a request's stream failed.
         """
-        box = self._outboxes.setdefault(caller, _Outbox())
-        if not box.outputs:
-            try:
-                await asyncio.wait_for(box.ready.wait(), timeout_s)
-            except TimeoutError:
-                return []
-        outputs, box.outputs = box.outputs, []
-        box.ready.clear()
-        return outputs
+        box = self._outbox(caller)
+        box.polls_in_progress += 1
+        try:
+            if not box.outputs:
+                try:
+                    await asyncio.wait_for(box.ready.wait(), timeout_s)
+                except TimeoutError:
+                    return []
+            outputs, box.outputs = box.outputs, []
+            box.ready.clear()
+            return outputs
+        finally:
+            box.polls_in_progress -= 1
+            box.last_seen = time.monotonic()
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, reason: str = "client") -> None:
+        """Abort a request (no-op if it ended). `reason`: "client", "timeout" or "server"."""
         task = self._tasks.pop(request_id, None)
+        self.engine.abort(request_id, reason)  # first, so the engine counts this reason
         if task is not None:
-            task.cancel()  # closing the stream aborts the request in the engine and frees its blocks
-        self.engine.abort(request_id)
+            task.cancel()  # its stream's own abort comes second and changes nothing
 
+    # -- callers that went away -------------------------------------------------------------------
+    async def _reap_forever(self) -> None:
+        interval = self.caller_timeout_s / 4  # a silent caller is reaped within 1.25 timeouts
+        while True:
+            await asyncio.sleep(interval)
+            self.reap_silent_callers()
+
+    def reap_silent_callers(self, now: float | None = None) -> list[str]:
+        """Abort the requests and drop the outboxes of callers silent for `caller_timeout_s` (none
+        with a poll in progress); returns their ids."""
+        now = time.monotonic() if now is None else now
+        gone = [
+            caller for caller, box in self._outboxes.items()
+            if box.polls_in_progress == 0 and now - box.last_seen > self.caller_timeout_s
+        ]
+        self._reaped = {c: entry for c, entry in self._reaped.items() if now - entry[0] < 10 * self.caller_timeout_s}
+        for caller in gone:
+            box = self._outboxes.pop(caller)
+            if box.request_ids:
+                self._reaped[caller] = (now, sorted(box.request_ids))
+            if box.request_ids:
+                log.warning("caller %s silent for %.0f s: aborting its %d requests",
+                            caller, now - box.last_seen, len(box.request_ids))
+            for request_id in list(box.request_ids):
+                self.engine.abort(request_id, "server")
+                task = self._tasks.pop(request_id, None)
+                if task is not None:
+                    task.cancel()
+        self.num_callers_reaped += len(gone)
+        return gone
+
+    # -- state ----------------------------------------------------------------------------------
     async def stats(self) -> EngineStats:
-        return self.engine.stats()
+        # In a thread: building them waits for the step in progress, which must not block polls.
+        return await asyncio.to_thread(self.engine.stats)
 
     async def health(self) -> bool:
         return self.engine.healthy
@@ -91,4 +171,6 @@ class EngineService:
         return {"max_model_len": info.max_model_len, "vocab_size": info.vocab_size}
 
     async def shutdown(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         self.engine.shutdown()

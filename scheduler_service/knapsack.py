@@ -1,11 +1,12 @@
-"""The per-iteration choice of DESIGN §2 as a pure function: which requests run, with which cache type.
+"""The apt policy's per-iteration choice (docs/ARCHITECTURE.md, "Scheduling: Apt") as a pure function: which requests run, with which cache type.
 
 Each request offers up to two choices — KV (`value_kv`, `blocks_kv`) and hidden (`value_hidden`,
 `blocks_hidden`) — and at most one is taken, within `capacity_blocks`, maximising the summed value.
 The greedy below is a 2-approximation:
 
 1. Clean: drop a choice that does not fit alone, has a non-positive value, or is dominated by the
-   other (no more value for no fewer blocks); hidden also goes when it needs at least KV's blocks.
+   other (no more value for no fewer blocks); hidden also goes when it needs at least KV's blocks and
+   KV is a choice that remains (a request that may only use hidden keeps it, whatever its size).
 2. Steps: if both remain and hidden lies on or above the chord (`v_h/m_h >= v_kv/m_kv`), the request
    gives a *hidden* step and an *upgrade* step (the rest of KV); otherwise one step with its best
    remaining choice (KV if it survived, else hidden). Gains are then concave in memory.
@@ -70,8 +71,9 @@ def choose_codes(
     if n == 0 or capacity <= 0:
         return chosen
     # 1. Clean.
-    hidden_ok = (value_hidden > 0) & (blocks_hidden <= capacity) & (blocks_hidden < blocks_kv)  # NaN > 0 is False
-    kv_ok = (value_kv > 0) & (blocks_kv <= capacity) & ~(hidden_ok & (value_kv <= value_hidden))
+    kv_fits = (value_kv > 0) & (blocks_kv <= capacity)
+    hidden_ok = (value_hidden > 0) & (blocks_hidden <= capacity) & ~(kv_fits & (blocks_hidden >= blocks_kv))  # NaN > 0 is False
+    kv_ok = kv_fits & ~(hidden_ok & (value_kv <= value_hidden))
     # 2. Steps: (request, kind, blocks, gain).
     both = kv_ok & hidden_ok
     concave = both & (value_hidden * blocks_kv >= value_kv * blocks_hidden)

@@ -2,13 +2,27 @@
 
 The engine updates an `EngineMetrics` as requests progress; `EngineStats` carries a copy, and the
 serving layer renders the copies of every replica as one Prometheus page (`cluster/metrics.py`).
-Names follow vLLM's, so dashboards map one to one (DESIGN §7).
+Names follow vLLM's, so dashboards map one to one.
+
+SLO attainment follows the benchmark's definition (bench/slo_metrics.py: every request sent is in the
+denominator; one that errored, did not finish or produced no token misses):
+
+- `slo_judged` counts every request the engine accepted once it has ended — whatever the reason:
+  stop, length, error, or abort (by the client, a timeout or the server) — plus every request it
+  refused because its waiting queue was full. Requests refused as invalid (HTTP 400) are not judged:
+  the benchmark never sends them.
+- `slo_met` counts those that finished (stop or length) with their first token within the TTFT SLO
+  and the P99 of their token gaps within the TBT SLO (`meets_slo`). So timeouts, server-side aborts,
+  errors and queue-full refusals are misses; a client that disconnects is a miss too (its request did
+  not finish), and `aborted` tells these apart by reason.
+- TTFT counts from the request's arrival: the ingress's receipt when the ingress passed it
+  (`received_at`), else the engine's.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -38,6 +52,9 @@ class Histogram:
         self.sum += value
         self.count += 1
 
+    def copy(self) -> Histogram:
+        return replace(self, counts=list(self.counts))
+
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations at or below it), +Inf last: Prometheus' form."""
         totals = np.cumsum(self.counts).tolist()
@@ -60,8 +77,10 @@ class EngineMetrics:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     request_success: dict[str, int] = field(default_factory=dict)  # by finish reason
+    aborted: dict[str, int] = field(default_factory=dict)  # aborted requests by reason: client, timeout, server
     slo_met: int = 0  # requests that finished (stop/length) within their SLOs
-    slo_judged: int = 0  # requests that finished (stop/length)
+    slo_ended: int = 0  # requests that ended, whatever the reason (updated by the engine's thread)
+    slo_refused: int = 0  # requests refused for a full queue (updated under the engine's counts lock)
     time_to_first_token: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S))
     inter_token_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S))
     e2e_request_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S))
@@ -80,10 +99,30 @@ class EngineMetrics:
     def on_finish(self, request: Request, now: float) -> None:
         reason = request.finish_reason.value if request.finish_reason else "unknown"
         self.request_success[reason] = self.request_success.get(reason, 0) + 1
+        self.slo_ended += 1
         if reason in ("stop", "length"):
             self.e2e_request_latency.observe(now - request.arrival_time)
-            self.slo_judged += 1
             self.slo_met += meets_slo(request)
+        elif reason == "abort":
+            why = request.abort_reason or "client"
+            self.aborted[why] = self.aborted.get(why, 0) + 1
+
+    def on_refused(self) -> None:
+        """A request refused because the waiting queue was full: a miss (the benchmark counts it)."""
+        self.slo_refused += 1
+
+    def copy(self) -> EngineMetrics:
+        """An independent copy, far cheaper than `copy.deepcopy`."""
+        histograms = {
+            name: getattr(self, name).copy()
+            for name in ("time_to_first_token", "inter_token_latency", "e2e_request_latency", "scheduler_iteration")
+        }
+        return replace(self, request_success=dict(self.request_success), aborted=dict(self.aborted), **histograms)
+
+    @property
+    def slo_judged(self) -> int:
+        """The attainment's denominator: every ended request and every queue-full refusal."""
+        return self.slo_ended + self.slo_refused
 
     @property
     def slo_attainment(self) -> float | None:

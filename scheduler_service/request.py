@@ -27,8 +27,8 @@ class RequestStatus(str, enum.Enum):
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the model's context
-    ABORT = "abort"  # aborted by the caller
-    ERROR = "error"  # the step failed (a worker died): see `Request.error`
+    ABORT = "abort"  # aborted by the caller, a timeout or the server: see `Request.abort_reason`
+    ERROR = "error"  # a step it was in failed (a worker died, or an error traced to it): see `Request.error`
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    # The cache type it must use: the caller's `cache_type`, or the only one its longest footprint fits.
     cache_override: CacheType | None = None
     ttft_slo_s: float = float("inf")
     tbt_slo_s: float = float("inf")
@@ -51,7 +52,8 @@ class Request:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     text: str = ""
-    error: str | None = None  # why it ended with FinishReason.ERROR
+    error: str | None = None  # why it ended with FinishReason.ERROR (shown to the client: no internals)
+    abort_reason: str | None = None  # why it ended with FinishReason.ABORT: client, timeout or server
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -75,7 +77,7 @@ class Request:
         return self.token_times[-1] if self.token_times else None
 
     def pending_since(self) -> float:
-        """When it last made progress: its last token, or its arrival (DESIGN §2's `t_i`)."""
+        """When it last made progress: its last token, or its arrival (the apt policy's `t_i`)."""
         return self.last_token_time if self.last_token_time is not None else self.arrival_time
 
     def violates_slo(self, now: float) -> bool:

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hybrid_cache.manager import CacheManager
 from hybrid_cache.plan import BatchPlan, CacheType, Conversion, SequencePlan
 from scheduler_service.config import SchedulerConfig
-from scheduler_service.policies import Policy, SchedulerView
+from scheduler_service.policies import FCFSPolicy, Policy, ScheduleDecision, SchedulerView
 from scheduler_service.request import Request, RequestStatus
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class ScheduledStep:
-    """The plan sent to the workers and the requests behind it, in the same order."""
+    """The plan sent to the workers and the requests behind it, in the same order.
+
+    `failed` are requests the step could not plan (an error traced to them, or a request that cannot
+    be scheduled at all): the engine ends them with an error; the rest of the step is unaffected.
+    """
 
     plan: BatchPlan
     requests: list[Request]
     num_preempted: int
     num_converted: int
+    failed: list[tuple[Request, str]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -41,6 +49,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_seq_ids: list[int] = []
+        # Steps where the policy raised, or scheduled nothing while work was pending, and FCFS decided
+        # instead. Zero by construction (admission and the policies agree); the soak test checks it.
+        self.num_policy_fallbacks = 0
+        self._fallback = FCFSPolicy()
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -57,6 +69,14 @@ class Scheduler:
         self.cache.free(request.seq_id)
         request.cache_type = None
         self._finished_seq_ids.append(request.seq_id)
+
+    def requeue_finished(self, seq_ids: list[int]) -> None:
+        """Tell the workers again about ended sequences (a failed step may not have delivered them)."""
+        self._finished_seq_ids.extend(seq_ids)
+
+    def preempt(self, request: Request) -> None:
+        """Free a running request's blocks and put it back at the front of the queue (re-prefilled later)."""
+        self._preempt(request)
 
     def _preempt(self, request: Request) -> None:
         # Preemption by recompute: drop the cache, prefill prompt + outputs again later.
@@ -78,37 +98,77 @@ class Scheduler:
             alpha=self.alpha,
             now=now,
         )
-        decision = self.policy.schedule(view)
+        decision = self._decide(view)
         # Preempt newest first so that, pushed to the front one by one, the oldest ends up first.
         for request in sorted(decision.preempt, key=lambda r: r.arrival_time, reverse=True):
             self._preempt(request)
 
         seqs: list[SequencePlan] = []
         requests: list[Request] = []
+        failed: list[tuple[Request, str]] = []
         converted = 0
+        # A request whose plan cannot be built fails alone; its blocks are freed when the engine ends it.
         for request, cache_type in decision.decode:
-            conversion = None
-            if cache_type is not request.cache_type:
-                if cache_type is not CacheType.KV:
-                    raise RuntimeError(f"policy asked to turn {request.request_id} from KV to hidden in place")
-                conversion = self.cache.convert_to_kv(request.seq_id, request.num_computed_tokens)
-                request.cache_type = CacheType.KV
-                converted += 1
-            self.cache.grow(request.seq_id, request.num_tokens)
-            seqs.append(self._plan(request, [request.all_token_ids[-1]], conversion))
+            try:
+                seq, did_convert = self._plan_decode(request, cache_type)
+            except Exception as err:  # noqa: BLE001 - traced to this request: it alone fails
+                log.exception("could not plan a decode of %s", request.request_id)
+                failed.append((request, f"the request could not be scheduled ({type(err).__name__})"))
+                continue
+            converted += did_convert
+            seqs.append(seq)
             requests.append(request)
         for request, cache_type in decision.prefill:
-            self.waiting.remove(request)
-            self.cache.allocate(request.seq_id, request.num_tokens, cache_type)
-            request.status = RequestStatus.RUNNING
-            request.cache_type = cache_type
-            self.running.append(request)
-            seqs.append(self._plan(request, request.all_token_ids, None))
+            try:
+                seq = self._plan_prefill(request, cache_type)
+            except Exception as err:  # noqa: BLE001 - traced to this request: it alone fails
+                log.exception("could not plan a prefill of %s", request.request_id)
+                failed.append((request, f"the request could not be scheduled ({type(err).__name__})"))
+                continue
+            seqs.append(seq)
             requests.append(request)
+        if not requests and not failed and self.waiting and not self.running:
+            # Even FCFS found nothing to run: end the oldest request rather than loop on it for ever.
+            failed.append((self.waiting[0], "the request cannot be scheduled in this cache"))
 
         plan = BatchPlan(seqs, finished_seq_ids=self._finished_seq_ids)
         self._finished_seq_ids = []
-        return ScheduledStep(plan, requests, len(decision.preempt), converted)
+        return ScheduledStep(plan, requests, len(decision.preempt), converted, failed)
+
+    def _decide(self, view: SchedulerView) -> ScheduleDecision:
+        """The policy's decision; FCFS's (counted in `num_policy_fallbacks`) if the policy raised or
+        scheduled nothing while requests were pending. Nothing has changed yet when FCFS steps in."""
+        try:
+            decision = self.policy.schedule(view)
+        except Exception:  # noqa: BLE001 - a policy bug must cost a step's quality, not the engine
+            log.exception("the %s policy failed: FCFS decides this step", self.policy.name)
+        else:
+            if decision.decode or decision.prefill or not (view.waiting or view.running):
+                return decision
+            log.error(
+                "the %s policy scheduled nothing with %d waiting and %d running: FCFS decides this step",
+                self.policy.name, len(view.waiting), len(view.running),
+            )
+        self.num_policy_fallbacks += 1
+        return self._fallback.schedule(view)
+
+    def _plan_decode(self, request: Request, cache_type: CacheType) -> tuple[SequencePlan, bool]:
+        conversion = None
+        if cache_type is not request.cache_type:
+            if cache_type is not CacheType.KV:
+                raise RuntimeError(f"policy asked to turn {request.request_id} from KV to hidden in place")
+            conversion = self.cache.convert_to_kv(request.seq_id, request.num_computed_tokens)
+            request.cache_type = CacheType.KV
+        self.cache.grow(request.seq_id, request.num_tokens)
+        return self._plan(request, [request.all_token_ids[-1]], conversion), conversion is not None
+
+    def _plan_prefill(self, request: Request, cache_type: CacheType) -> SequencePlan:
+        self.cache.allocate(request.seq_id, request.num_tokens, cache_type)
+        self.waiting.remove(request)
+        request.status = RequestStatus.RUNNING
+        request.cache_type = cache_type
+        self.running.append(request)
+        return self._plan(request, request.all_token_ids, None)
 
     def _plan(self, request: Request, token_ids: list[int], conversion: Conversion | None) -> SequencePlan:
         table = self.cache.table(request.seq_id)

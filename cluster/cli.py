@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("replay", help="replay a seeded trace in-process and measure SLO attainment", add_help=False)
     sub.add_parser("bench", help="effective throughput of serving systems side by side (e.g. vs vLLM)",
                    add_help=False)
+    sub.add_parser("simulate", help="the scheduler on a virtual clock with a GPU step-time model (sizing)",
+                   add_help=False)
     return parser
 
 
@@ -144,9 +146,16 @@ def cmd_replay(argv: list[str]) -> int:
     return replay_main(argv) or 0
 
 
+def cmd_simulate(argv: list[str]) -> int:
+    # The simulator drives the production scheduler from bench/ (see docs/SIMULATOR.md).
+    from bench.simulator.cli import main as simulate_main
+
+    return simulate_main(argv) or 0
+
+
 # Subcommands whose arguments belong to another module's own parser.
 PASSTHROUGH = {"make-dummy": cmd_make_dummy, "convert-model": cmd_convert_model, "replay": cmd_replay,
-               "bench": cmd_bench}
+               "bench": cmd_bench, "simulate": cmd_simulate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,9 @@ def decode_plan(arrays: EncodedPlan) -> BatchPlan:
         zip(*(arrays[k].tolist() for k in
               ("seq_id", "start_pos", "cache_type", "conversion_tokens", "temperature", "top_p", "top_k", "seed")))
     ):
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=None if seed == UNSEEDED else seed)
+        sampling = SamplingParams(
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=None if seed == UNSEEDED else seed
+        )
         conversion = Conversion(hidden[i], kv[i], conv_tokens) if conv_tokens >= 0 else None
         seqs.append(SequencePlan(seq_id, tokens[i], start, _TYPES[kind], blocks[i], sampling, conversion))
     return BatchPlan(seqs, arrays["finished_seq_ids"].tolist())

@@ -14,7 +14,9 @@ class SchedulerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    policy: Literal["fcfs", "apt"] = Field("fcfs", description="fcfs (vLLM-like) or apt (adaptive, see docs/ARCHITECTURE.md)")
+    policy: Literal["fcfs", "apt"] = Field(
+        "fcfs", description="fcfs (vLLM-like) or apt (adaptive, see docs/ARCHITECTURE.md)"
+    )
     cache_mode: CacheMode = Field(
         "kv", description="kv: K/V only; hidden: x only; hybrid: the policy picks per request"
     )

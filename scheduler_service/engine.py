@@ -299,7 +299,7 @@ class Engine:
         except SequenceFailed as err:
             self.scheduler.requeue_finished(step.plan.finished_seq_ids)
             return outputs + self._fail_traced(step, err)
-        except Exception as err:  # noqa: BLE001 - unknown cause: the requests of this step end, the engine goes on
+        except Exception:  # noqa: BLE001 - unknown cause: the requests of this step end, the engine goes on
             log.exception("a step of %d sequences failed", len(step.requests))
             self.scheduler.requeue_finished(step.plan.finished_seq_ids)
             return outputs + self._fail_step(step.requests, _INTERNAL_ERROR)

@@ -1,4 +1,5 @@
-"""The apt policy's per-iteration choice (docs/ARCHITECTURE.md, "Scheduling: Apt") as a pure function: which requests run, with which cache type.
+"""The apt policy's per-iteration choice as a pure function: which requests run, with which cache type
+(docs/ARCHITECTURE.md, "Scheduling: Apt").
 
 Each request offers up to two choices — KV (`value_kv`, `blocks_kv`) and hidden (`value_hidden`,
 `blocks_hidden`) — and at most one is taken, within `capacity_blocks`, maximising the summed value.
@@ -72,7 +73,8 @@ def choose_codes(
         return chosen
     # 1. Clean.
     kv_fits = (value_kv > 0) & (blocks_kv <= capacity)
-    hidden_ok = (value_hidden > 0) & (blocks_hidden <= capacity) & ~(kv_fits & (blocks_hidden >= blocks_kv))  # NaN > 0 is False
+    # NaN > 0 is False: a request without the hidden choice never takes it.
+    hidden_ok = (value_hidden > 0) & (blocks_hidden <= capacity) & ~(kv_fits & (blocks_hidden >= blocks_kv))
     kv_ok = kv_fits & ~(hidden_ok & (value_kv <= value_hidden))
     # 2. Steps: (request, kind, blocks, gain).
     both = kv_ok & hidden_ok

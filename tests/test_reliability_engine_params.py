@@ -90,7 +90,9 @@ EDGES = {
 
 def test_codec_round_trip_of_every_accepted_edge_value() -> None:
     """The property: for every accepted combination, decode(encode(p)) carries p's sampling fields."""
-    combos = [SamplingParams(temperature=t, top_p=p, top_k=k, seed=s) for t, p, k, s in itertools.product(*EDGES.values())]
+    combos = [
+        SamplingParams(temperature=t, top_p=p, top_k=k, seed=s) for t, p, k, s in itertools.product(*EDGES.values())
+    ]
     rng = random.Random(0)
     combos += [
         SamplingParams(temperature=rng.uniform(0, 3) * rng.choice([1, 1e-6]), top_p=rng.uniform(1e-12, 1.0),

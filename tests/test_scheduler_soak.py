@@ -11,7 +11,7 @@ import pytest
 from hybrid_cache import CacheLayout, SamplingParams
 from hybrid_cache.info import CostModel, WorkerInfo
 from hybrid_cache.plan import BatchPlan
-from scheduler_service import Engine, SchedulerConfig
+from scheduler_service import Engine, QueueFull, SchedulerConfig
 
 LAYOUT = CacheLayout(num_layers=2, hidden_size=64, num_kv_heads=4, head_dim=16, block_size=4, dtype_bytes=4)
 EOS = 2
@@ -107,3 +107,65 @@ def test_soak(policy: str, cache_mode: str) -> None:
           f"{stats.num_conversions} conversions, tokens {stats.tokens_by_cache_type}, longest wait {longest_wait:.1f}s")
     if cache_mode == "hybrid":
         assert stats.tokens_by_cache_type["hidden"] > 0
+
+
+ALPHAS = [1e-5, 1e-3, 0.1]  # seconds of recompute per block of hidden history
+SHORT_ITERATIONS = 1_500
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("cache_mode", ["kv", "hidden", "hybrid"])
+@pytest.mark.parametrize("policy", ["fcfs", "apt"])
+def test_soak_tiny_budgets_and_overrides(policy: str, cache_mode: str, alpha: float) -> None:
+    """Tiny caches, random per-request cache types, arrivals, aborts and a bounded queue, at every α:
+    the engine never raises, never runs an empty step while work is pending, never needs the FCFS
+    fallback, leaks no block, and every request ends — or was refused when it was added."""
+    rng = random.Random(f"{policy}/{cache_mode}/{alpha}")
+    clock = Clock()
+    num_blocks = rng.choice([4, 6, 10, 16])
+    config = SchedulerConfig(policy=policy, cache_mode=cache_mode, max_num_seqs=8, max_waiting=24, ttft_slo_s=2.0,
+                             tbt_slo_s=0.3, recompute_seconds_per_block=alpha)
+    engine = Engine(config, FakeExecutor(num_blocks=num_blocks, seed=rng.randrange(1000)), clock=clock)
+    added: set[str] = set()
+    refused = {"invalid": 0, "queue_full": 0}
+    ended: dict[str, str] = {}
+
+    def step() -> None:
+        pending = engine.scheduler.has_work()
+        outputs = engine.step()
+        for out in outputs:
+            assert out.request_id not in ended, f"{out.request_id} reported after it ended"
+            if out.finished:
+                ended[out.request_id] = out.finish_reason
+        assert not pending or any(out.new_token_ids for out in outputs), "an empty step with work pending"
+        engine.cache.check_invariants()
+
+    for i in range(SHORT_ITERATIONS):
+        clock.now += 0.005 + rng.random() * 0.03
+        if i < SHORT_ITERATIONS * 3 // 4:  # then arrivals stop and everything must drain
+            for _ in range(rng.choices([0, 1, 3], weights=[80, 15, 5])[0]):
+                prompt = [rng.randrange(3, 100) for _ in range(rng.randint(1, 40))]
+                params = SamplingParams(max_tokens=rng.randint(1, 60), temperature=0.0)
+                try:
+                    added.add(engine.add_request(prompt, params, cache_type=rng.choice([None, None, "kv", "hidden"])))
+                except QueueFull:
+                    refused["queue_full"] += 1
+                except ValueError as err:
+                    assert "cache blocks" in str(err), err
+                    refused["invalid"] += 1
+        if rng.random() < 0.03 and engine.requests:
+            engine.abort(rng.choice(list(engine.requests)), reason=rng.choice(["client", "timeout"]))
+        step()
+    for _ in range(20_000):
+        if not engine.has_unfinished():
+            break
+        clock.now += 0.01
+        step()
+    assert set(ended) == added, f"{len(added - set(ended))} requests lost"
+    assert set(ended.values()) <= {"stop", "length", "abort"}
+    assert engine.cache.num_free == engine.cache.num_blocks, "blocks leaked"
+    stats = engine.stats()
+    assert stats.num_policy_fallbacks == 0 and stats.num_failed_steps == 0
+    assert stats.num_rejected == refused
+    assert stats.metrics.slo_judged == len(added) + refused["queue_full"]
+    assert added, "the soak must run requests"

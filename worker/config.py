@@ -15,3 +15,6 @@ class ModelConfig(BaseModel):
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     seed: int = Field(0, description="seed of the shared sampling generator")
     num_threads: int | None = Field(None, gt=0, description="torch compute threads; None keeps torch's default")
+    prepack: bool = Field(
+        True, description="reorder GEMM weights once at load for oneDNN (CPU, float32/bfloat16); false: F.linear"
+    )

@@ -62,8 +62,11 @@ def iter_weights(model_dir: Path) -> Iterator[tuple[str, WeightReader]]:
         except Exception as err:  # any failure to read a weight file means the file is damaged
             raise ValueError(f"corrupt checkpoint file {path}: {err}") from err
 
-def load_model(model_dir: str | Path, dtype: str, device: torch.device, tp: TensorParallel = SINGLE) -> CausalLM:
-    """Build this rank's shard of the model for `model_dir` on `device` and fill it from the checkpoint."""
+def load_model(
+    model_dir: str | Path, dtype: str, device: torch.device, tp: TensorParallel = SINGLE, prepack: bool = True
+) -> CausalLM:
+    """Build this rank's shard of the model for `model_dir` on `device` and fill it from the checkpoint;
+    with `prepack`, GEMM weights are reordered once for oneDNN (CPU)."""
     path = Path(model_dir)
     spec = load_model_spec(path)
     torch_dtype = resolve_dtype(dtype, spec)
@@ -72,4 +75,6 @@ def load_model(model_dir: str | Path, dtype: str, device: torch.device, tp: Tens
     model = model.to(dtype=torch_dtype).to_empty(device=device)
     model.load_weights(iter_weights(path))
     model.eval().requires_grad_(False)
+    if prepack:
+        model.prepack()
     return model

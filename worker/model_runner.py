@@ -42,7 +42,7 @@ class ModelRunner:
         self.num_threads = torch.get_num_threads()
         self.tp = tp
         self.device = torch.device(model.device)
-        self.model = load_model(model.path, model.dtype, self.device, tp)
+        self.model = load_model(model.path, model.dtype, self.device, tp, model.prepack)
         spec = self.model.spec
         self.dtype = next(self.model.parameters()).dtype
         self.layout = CacheLayout(

@@ -74,7 +74,44 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-class RowParallelLinear(nn.Linear):
+def can_prepack(weight: torch.Tensor) -> bool:
+    """oneDNN prepacking applies to CPU weights in float32 or bfloat16."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+class PackedWeight:
+    """A weight reordered once for oneDNN's GEMM (`torch.ops.mkldnn`), then used by `linear`.
+
+    The reorder depends on the weight only (batch size unset): measured on this CPU it is as fast as
+    a per-batch-size packing at every batch size we run (docs/BENCHMARKS.md, "Engine speed").
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that runs on a prepacked weight once `prepack()` has been called (after loading)."""
+
+    packed: PackedWeight | None = None
+
+    def prepack(self) -> None:
+        self.packed = PackedWeight(self.weight) if can_prepack(self.weight) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return self.packed.linear(x, self.bias)
+
+
+class RowParallelLinear(Linear):
     """A linear layer over this rank's slice of the input features; partial sums are all-reduced.
 
     The bias (whole on every rank) is added once, after the reduction.
@@ -85,7 +122,8 @@ class RowParallelLinear(nn.Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        partial = F.linear(x, self.weight) if self.packed is None else self.packed.linear(x)
+        out = self.tp.all_reduce(partial)
         return out if self.bias is None else out + self.bias
 
 
@@ -111,15 +149,24 @@ class CachedAttention(nn.Module):
         self.q_size = self.num_heads * spec.head_dim
         self.kv_size = self.num_kv_heads * spec.head_dim
         self.scale = spec.head_dim**-0.5
-        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.attention_bias)
+        self.qkv_proj = Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.attention_bias)
         self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, out_bias, tp)
         self.rotary = rotary
+        self.kv_packed: PackedWeight | None = None
+
+    def prepack(self) -> None:
+        """Pack the K/V rows of the fused projection on their own, for `project_kv`."""
+        weight = self.qkv_proj.weight[self.q_size :]
+        self.kv_packed = PackedWeight(weight) if can_prepack(weight) else None
 
     def project_kv(self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> None:
         x = self.tp.all_gather_columns(x)  # this rank's slice of x → the whole rows
         weight = self.qkv_proj.weight[self.q_size :]
-        if self.qkv_proj.bias is not None:
-            torch.addmm(self.qkv_proj.bias[self.q_size :], x, weight.t(), out=out)
+        bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[self.q_size :]
+        if self.kv_packed is not None:
+            out.copy_(self.kv_packed.linear(x, bias))
+        elif bias is not None:
+            torch.addmm(bias, x, weight.t(), out=out)
         else:
             torch.mm(x, weight.t(), out=out)
         if self.rotary is not None:
@@ -183,6 +230,25 @@ class CausalLM(nn.Module):
         layer, which, kind = match.groups()
         q, kv = self.attention_layers[0].q_size, self.attention_layers[0].kv_size
         return f"layers.{layer}.self_attn.qkv_proj.{kind}", {"q": 0, "k": q, "v": q + kv}[which]
+
+    lm_packed: PackedWeight | None = None
+
+    def lm_head_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on normalised rows (prepacked when possible)."""
+        if self.lm_packed is not None:
+            return self.lm_packed.linear(hidden)
+        return F.linear(hidden, self.lm_head_weight())
+
+    def prepack(self) -> None:
+        """Reorder every GEMM weight once for oneDNN (the linears, the K/V rows, the LM head)."""
+        for module in self.modules():
+            if isinstance(module, (Linear, CachedAttention)) and module is not getattr(self, "lm_head", None):
+                module.prepack()
+        weight = self.lm_head_weight()
+        self.lm_packed = PackedWeight(weight) if can_prepack(weight) else None
 
     def convert_to_kv(self, ctx: ForwardContext) -> None:
         """Run the planned hidden→KV conversions, layer by layer."""

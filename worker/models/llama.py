@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.model_spec import ModelSpec
-from worker.models.base import CachedAttention, CausalLM, ForwardContext, RMSNorm, RotaryEmbedding, RowParallelLinear
+from worker.models.base import CachedAttention, CausalLM, ForwardContext, Linear, RMSNorm, RotaryEmbedding, RowParallelLinear
 from worker.parallel import TensorParallel
 
 
@@ -21,7 +21,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
         mlp = tp.shard(spec.intermediate_size, "intermediate size")
         self.intermediate_size = mlp.stop - mlp.start  # this rank's share
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * self.intermediate_size, bias=spec.mlp_bias)
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * self.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -41,7 +41,7 @@ class LlamaForCausalLM(CausalLM):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(i, spec, self.rotary, tp) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.norm_eps)
-        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = None if spec.tie_word_embeddings else Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.attention_layers = [layer.self_attn for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -50,9 +50,11 @@ class LlamaForCausalLM(CausalLM):
             h = layer(h, ctx)
         return h
 
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.norm(hidden), weight)
+        return self.logits(self.norm(hidden))
 
     def weight_targets(self, name: str) -> tuple[str, int] | None:
         name = name.removeprefix("model.")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.model_spec import ModelSpec
-from worker.models.base import CachedAttention, CausalLM, ForwardContext, RowParallelLinear
+from worker.models.base import CachedAttention, CausalLM, ForwardContext, Linear, RowParallelLinear
 from worker.parallel import TensorParallel
 
 # OPT's learned position table starts two rows in (a quirk of its fairseq origin).
@@ -21,7 +21,7 @@ class OPTDecoderLayer(nn.Module):
         self.self_attn = CachedAttention(index, spec, rotary=None, out_bias=spec.attention_bias, tp=tp)
         self.final_layer_norm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
         mlp = tp.shard(spec.intermediate_size, "intermediate size")
-        self.fc1 = nn.Linear(spec.hidden_size, mlp.stop - mlp.start, bias=spec.mlp_bias)
+        self.fc1 = Linear(spec.hidden_size, mlp.stop - mlp.start, bias=spec.mlp_bias)
         self.fc2 = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -40,7 +40,7 @@ class OPTForCausalLM(CausalLM):
         self.embed_positions = nn.Embedding(spec.max_position_embeddings + POSITION_OFFSET, spec.hidden_size)
         self.layers = nn.ModuleList(OPTDecoderLayer(i, spec, tp) for i in range(spec.num_layers))
         self.final_layer_norm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
-        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = None if spec.tie_word_embeddings else Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.attention_layers = [layer.self_attn for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -49,9 +49,11 @@ class OPTForCausalLM(CausalLM):
             h = layer(h, ctx)
         return h
 
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.final_layer_norm(hidden), weight)
+        return self.logits(self.final_layer_norm(hidden))
 
     def weight_targets(self, name: str) -> tuple[str, int] | None:
         name = name.removeprefix("model.").removeprefix("decoder.")

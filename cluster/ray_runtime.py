@@ -1,15 +1,21 @@
 """Starting (or joining) Ray so that everything it opens stays on 127.0.0.1 unless told otherwise.
 
-The environment that keeps Ray on loopback is set by `cluster/__init__.py`, which runs before this.
+The environment that keeps Ray on loopback is set by `cluster/__init__.py`, which runs before this;
+Ray Serve's gRPC listeners, which no Ray setting moves, are moved by `cluster/loopback.py`.
 """
 
 from __future__ import annotations
 
 import ray
 
+from cluster.loopback import HOST_ENV
 
-def ensure_ray(num_cpus: float | None = None, address: str | None = None) -> None:
-    """Join `address` (e.g. a KubeRay head) if given, else start a local Ray on loopback once."""
+LOOPBACK = "127.0.0.1"
+
+
+def ensure_ray(num_cpus: float | None = None, address: str | None = None, grpc_host: str = LOOPBACK) -> None:
+    """Join `address` (e.g. a KubeRay head) if given, else start a local Ray on loopback once, whose
+    workers' gRPC servers listen on `grpc_host` (`server.host`) rather than on every interface."""
     if ray.is_initialized():
         return
     if address:
@@ -19,6 +25,7 @@ def ensure_ray(num_cpus: float | None = None, address: str | None = None) -> Non
         address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
-        _node_ip_address="127.0.0.1",
+        _node_ip_address=LOOPBACK,
         log_to_driver=True,
+        runtime_env={"worker_process_setup_hook": "cluster.loopback.setup_worker", "env_vars": {HOST_ENV: grpc_host}},
     )

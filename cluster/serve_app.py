@@ -190,7 +190,7 @@ def grpc_options(config: AptServeConfig) -> gRPCOptions:
 def start_serving(config: AptServeConfig) -> None:
     """Start Serve on this Ray (started on loopback if needed): HTTP on `server.host:port`, gRPC on
     `server.grpc_port`, and the application (which starts the engine replicas)."""
-    ensure_ray()
+    ensure_ray(grpc_host=config.server.host)
     serve.start(
         http_options={"host": config.server.host, "port": config.server.port},
         grpc_options=grpc_options(config),

@@ -3,7 +3,8 @@
 Each step the encoded plan goes once to every rank (one object in Ray's store, read by all); rank 0
 returns the sampled tokens. If a rank dies the group is torn down and rebuilt (every rank reloads its
 shard) and the step raises ExecutorFailed, so the engine ends the running requests with an error and
-new ones succeed.
+new ones succeed. A start that fails (a rank dies in its constructor, say) leaves nothing behind: its
+actors are killed and its placement group removed, so a later start finds the CPUs free.
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ class RayExecutor:
         self._start()
 
     def _start(self) -> None:
+        """Start the group; on any failure, kill what was created and remove the placement group."""
+        self.workers: list = []
+        self.group = None
+        try:
+            self._create_group()
+        except BaseException:
+            log.error("the tensor-parallel group failed to start: releasing its actors and placement group")
+            self._stop()
+            raise
+
+    def _create_group(self) -> None:
         gpu = self.model.device.startswith("cuda")
         bundle = {"GPU": 1.0} if gpu else {"CPU": self.cpus_per_worker}
         # One node for the whole group: the ranks meet through a file and talk over loopback.
@@ -63,23 +75,31 @@ class RayExecutor:
         model = self.model
         if model.num_threads is None and not gpu:
             model = model.model_copy(update={"num_threads": max(1, int(self.cpus_per_worker))})
-        self.workers = [
-            actor.options(
+        for rank in range(self.tp_size):
+            self.workers.append(actor.options(
                 num_cpus=0 if gpu else self.cpus_per_worker,
                 num_gpus=1 if gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
                 max_restarts=0,
-            ).remote(model, self.cache, rank, self.tp_size, rendezvous, self.collective_timeout_s)
-            for rank in range(self.tp_size)
-        ]
+            ).remote(model, self.cache, rank, self.tp_size, rendezvous, self.collective_timeout_s))
         self._info: WorkerInfo = ray.get(self.workers[0].info.remote(), timeout=self.step_timeout_s)
         self.ranks = ray.get([w.describe.remote() for w in self.workers], timeout=self.step_timeout_s)
         log.info("tensor-parallel group of %d ranks ready: %s", self.tp_size, self.ranks)
 
     def _stop(self) -> None:
+        """Kill the ranks and remove the placement group; safe on a half-started group."""
         for worker in self.workers:
-            ray.kill(worker, no_restart=True)
-        remove_placement_group(self.group)
+            try:
+                ray.kill(worker, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead: nothing to release
+                log.debug("could not kill a rank", exc_info=True)
+        self.workers = []
+        if self.group is not None:
+            try:
+                remove_placement_group(self.group)
+            except Exception:  # noqa: BLE001 - already removed
+                log.debug("could not remove the placement group", exc_info=True)
+            self.group = None
 
     def rebuild(self) -> None:
         """Tear the group down and start it again (each rank reloads its shard)."""

@@ -1,4 +1,4 @@
-"""Profile the K/V recompute on this device and fit its cost (DESIGN §6)."""
+"""Profile the K/V recompute on this device and fit its cost (docs/ARCHITECTURE.md, "Cost model")."""
 
 from __future__ import annotations
 
@@ -15,14 +15,20 @@ from worker.models import CausalLM
 def profile_recompute(
     model: CausalLM, workspace: RecomputeWorkspace, block_size: int, token_counts: list[int], repeats: int
 ) -> CostModel:
-    """Time every layer's K/V projection (rotary included) for each token count; least-squares fit."""
+    """Time every layer's K/V projection (rotary included) for each token count; least-squares fit.
+
+    Works for any context length: positions wrap around the model's `max_position_embeddings`, so a
+    model whose rotary table is shorter than a profiled count still starts (the time of a projection
+    does not depend on which positions it rotates).
+    """
     device = workspace.x.device
+    max_positions = model.spec.max_position_embeddings
     samples: list[tuple[int, float]] = []
     for count in token_counts:
         count = min(count, workspace.chunk_tokens)
         x = workspace.x[:count].normal_()
         out = workspace.kv[:count]
-        positions = torch.arange(count, device=device)
+        positions = torch.arange(count, device=device) % max_positions
         best = float("inf")
         for _ in range(repeats + 1):  # the first pass warms up kernels and caches
             if device.type == "cuda":

@@ -8,6 +8,8 @@ and only the first line of its message is kept. The full exception is logged ser
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
 
@@ -126,17 +128,30 @@ def one_line(text: str) -> str:
     return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
-def classify(err: BaseException, param: str | None = None) -> Failure:
-    """The answer for `err`. An exception of no known kind is logged and answered with a generic message."""
+def field_named_in(message: str, fields: Collection[str]) -> str | None:
+    """The request field a message starts with (`temperature must be ...`, `` `logprobs` is ...``), if any."""
+    first = re.match(r"`?(\w+)`?", message)
+    return first.group(1) if first and first.group(1) in fields else None
+
+
+def classify(err: BaseException, param: str | None = None, fields: Collection[str] = ()) -> Failure:
+    """The answer for `err`; the field at fault is the one the error names (its `param`, or the first
+    word of its message if that is one of `fields`), else `param`. An exception of no known kind is
+    logged and answered with a generic message."""
     cause = unwrap(err)
     for types, kind in _KINDS:
         if isinstance(cause, types):
             if kind is Kind.UNAVAILABLE:
                 log.warning("engine replica failure: %r", err)
                 return Failure(kind, "the model's engine is unavailable; retry shortly")
+            message = one_line(str(cause)) or kind.name.lower()
             if isinstance(cause, HiddenCacheUnavailable):
                 param = "cache_type"
-            param = getattr(cause, "param", None) or param
-            return Failure(kind, one_line(str(cause)) or kind.name.lower(), param)
+            param = getattr(cause, "param", None) or field_named_in(message, fields) or param
+            return Failure(kind, message, param)
     log.error("unexpected error while serving a request", exc_info=err)
     return Failure(Kind.INTERNAL, "internal server error")
+
+
+# A stream the engine ended with an error (finish_reason "error"): the engine failed under the request.
+ENGINE_FAILED_REQUEST = Failure(Kind.UNAVAILABLE, "the model's engine failed while running this request")

@@ -47,6 +47,13 @@ def serving(states: dict[str, str]) -> bool:
     return UP in states.values()
 
 
+def service_status(states: dict[str, str]) -> str:
+    """What /health and gRPC Health report: ok (every replica up), degraded (some), unavailable (none)."""
+    if not serving(states):
+        return "unavailable"
+    return "ok" if all(state == UP for state in states.values()) else "degraded"
+
+
 class LocalGateway:
     """One `AsyncEngine` in this process: the HTTP routes under uvicorn, without Ray (the tests)."""
 

@@ -21,10 +21,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from cluster import metrics
-from cluster.errors import Failure, InvalidField, Kind, ModelNotFound, classify, one_line
-from cluster.gateways import Gateway, serving
+from cluster.errors import (
+    ENGINE_FAILED_REQUEST,
+    Failure,
+    InvalidField,
+    Kind,
+    ModelNotFound,
+    classify,
+    field_named_in,
+    one_line,
+)
+from cluster.gateways import Gateway, service_status, serving
 from cluster.http_body import strict_route
-from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from cluster.openai_protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, OpenAIError
+from cluster.request_params import REQUEST_FIELDS
 from cluster.streams import Deadline, TextDeltas
 from cluster.tokenizer import Tokenizer
 from scheduler_service.request import RequestOutput
@@ -53,7 +63,7 @@ class Frontend:
     def refused(self, err: BaseException, *, engine_checked: bool = False, param: str | None = None) -> Failure:
         """The answer to a request refused with `err`, counted once: by the engine when it checked the
         request and refused it at admission, else here."""
-        failure = classify(err, param)
+        failure = classify(err, param, REQUEST_FIELDS)
         if not (engine_checked and failure.kind in _ENGINE_COUNTED):
             self.counters.reject(failure.kind.name.lower())
         return failure
@@ -110,10 +120,13 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         problems, params = [], []
         for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"][1:])
             message = str(e["msg"]).removeprefix("Value error, ")
+            if e["type"] == "json_invalid":  # its location is a character offset, not a field
+                problems.append(f"the body is not valid JSON: {e.get('ctx', {}).get('error', message)}")
+                continue
+            where = ".".join(str(p) for p in e["loc"][1:])
             problems.append(f"{where}: {message}" if where else message)
-            params.append(str(e["loc"][1]) if len(e["loc"]) > 1 else None)
+            params.append(str(e["loc"][1]) if len(e["loc"]) > 1 else field_named_in(message, UNSUPPORTED))
         reject(Kind.INVALID.name.lower())
         error = OpenAIError(400, one_line("; ".join(problems)), param=params[0] if params else None)
         return JSONResponse(error.body(), status_code=400)
@@ -137,9 +150,8 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         states = await front().gateway.health()
-        ok = serving(states)
-        status = ("ok" if all(s == "up" for s in states.values()) else "degraded") if ok else "unavailable"
-        return JSONResponse({"status": status, "replicas": states}, status_code=200 if ok else 503)
+        return JSONResponse({"status": service_status(states), "replicas": states},
+                            status_code=200 if serving(states) else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -187,7 +199,7 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
         if output is not None and output.finish_reason != "error":
             return None
         log.warning("request ended with an engine error: %s", output.error if output is not None else "no output")
-        return Failure(Kind.UNAVAILABLE, "the model's engine failed while running this request")
+        return ENGINE_FAILED_REQUEST
 
     async def run(body, prompt: list[int], chat: bool, received_at: float):  # noqa: ANN202 - JSON or a stream
         request_id, outputs = await start(body, prompt, received_at)

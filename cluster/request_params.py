@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cluster.errors import InvalidField
+from cluster.errors import InvalidField, field_named_in
 from hybrid_cache.plan import SamplingParams
 
 FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "stop", "ignore_eos")
+# Every request field an error message may name (the engine's included: it checks the prompt and SLOs).
+REQUEST_FIELDS = frozenset(FIELDS) | {"prompt", "model", "cache_type", "ttft_slo_ms", "tbt_slo_ms", "messages"}
 
 
 def sampling_params(
@@ -44,6 +46,4 @@ def sampling_params(
             **{name: value for name, value in given.items() if value is not None},
         )
     except (ValueError, TypeError, OverflowError) as err:
-        message = str(err)
-        param = next((name for name in FIELDS if message.startswith(name) or f"`{name}`" in message), None)
-        raise InvalidField(param, message) from err
+        raise InvalidField(field_named_in(str(err), FIELDS), str(err)) from err

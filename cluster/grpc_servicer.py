@@ -1,0 +1,127 @@
+"""The gRPC service (aptserve.v1.AptServe) over a `Frontend`: the same checks, answers and streams as HTTP.
+
+Ray Serve's ingress (`cluster/serve_app.py`) forwards each RPC here; tests drive it directly with a
+stand-in context. Every failure ends the RPC with a status and a one-line detail (`cluster/errors.py`):
+bad input INVALID_ARGUMENT, an unknown model NOT_FOUND, a request id in use ALREADY_EXISTS, a full
+queue RESOURCE_EXHAUSTED, no engine up UNAVAILABLE, the request timeout DEADLINE_EXCEEDED, an `Abort`
+CANCELLED. Whatever ends a `Generate` early (a client that cancels its call included) aborts its request.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import grpc
+
+from cluster.errors import ENGINE_FAILED_REQUEST, Failure, InvalidField, Kind, ModelNotFound, classify
+from cluster.gateways import service_status
+from cluster.grpc_gen import aptserve_pb2 as pb
+from cluster.http_server import Frontend
+from cluster.request_params import sampling_params
+from cluster.streams import Deadline, TextDeltas
+from hybrid_cache.plan import SamplingParams
+
+
+class StatusContext(Protocol):
+    """What the servicer sets on an RPC's context (Ray Serve's `RayServegRPCContext`, or grpc's own)."""
+
+    def set_code(self, code: grpc.StatusCode) -> None: ...
+
+    def set_details(self, details: str) -> None: ...
+
+
+class GrpcServicer:
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+
+    async def generate(
+        self, request: pb.GenerateRequest, grpc_context: StatusContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        received_at = time.time()
+        f, gateway = self.frontend, self.frontend.gateway
+        try:
+            prompt, params = self._grpc_request(request)
+        except Exception as err:  # noqa: BLE001 - refused before any engine saw it
+            _fail(grpc_context, f.refused(err))
+        request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        try:
+            stream = await gateway.generate(
+                prompt, params, request_id, request.cache_type or None,
+                request.ttft_slo_ms / 1000 if request.HasField("ttft_slo_ms") else None,
+                request.tbt_slo_ms / 1000 if request.HasField("tbt_slo_ms") else None,
+                received_at=received_at,
+            )
+        except Exception as err:  # noqa: BLE001 - refused by the router or at admission
+            _fail(grpc_context, f.refused(err, engine_checked=True, param="prompt"))
+
+        async def timed_out() -> None:
+            await gateway.abort(request_id, reason="timeout")
+
+        outputs = Deadline(stream, f.request_timeout_s, on_timeout=timed_out)
+        deltas = TextDeltas(tuple(request.stop))
+        try:
+            async for output in outputs:
+                if output.finish_reason in _ENDED_BY:
+                    _fail(grpc_context, _ENDED_BY[output.finish_reason])
+                yield pb.GenerateResponse(
+                    request_id=request_id, new_token_ids=output.new_token_ids, text_delta=deltas.next(output),
+                    finished=output.finished, finish_reason=output.finish_reason or "",
+                    prompt_tokens=len(output.prompt_token_ids), completion_tokens=len(output.token_ids),
+                )
+        except GrpcRequestError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a timeout, an Abort, or the engine failed under it
+            _fail(grpc_context, classify(err))
+        finally:
+            await outputs.aclose()  # a client that cancelled its call (or any early end) aborts the request
+
+    def _grpc_request(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+        if request.model != self.frontend.model_name:
+            raise ModelNotFound(f"the model `{request.model}` does not exist (serving `{self.frontend.model_name}`)")
+        if bool(request.prompt) == bool(request.prompt_token_ids):
+            raise InvalidField("prompt", "give exactly one of prompt and prompt_token_ids")
+        prompt = self.frontend.encode(request.prompt) if request.prompt else list(request.prompt_token_ids)
+        given = {name: getattr(request, name) for name in _OPTIONAL if request.HasField(name)}
+        params = sampling_params(
+            len(prompt), self.frontend.gateway.max_model_len, stop=tuple(request.stop),
+            ignore_eos=request.ignore_eos, **given,
+        )
+        return prompt, params
+
+    async def abort(self, request: pb.AbortRequest, grpc_context: StatusContext) -> pb.AbortResponse:
+        try:
+            await self.frontend.gateway.abort(request.request_id)
+        except Exception as err:  # noqa: BLE001 - answered by its kind, never a traceback
+            _fail(grpc_context, classify(err))
+        return pb.AbortResponse(aborted=True)
+
+    async def health(self, request: pb.HealthRequest) -> pb.HealthResponse:
+        return pb.HealthResponse(status=service_status(await self.frontend.gateway.health()))
+
+    async def model_info(self, request: pb.ModelInfoRequest) -> pb.ModelInfoResponse:
+        gateway = self.frontend.gateway
+        return pb.ModelInfoResponse(model=self.frontend.model_name, max_model_len=gateway.max_model_len,
+                                    vocab_size=gateway.vocab_size, replicas=gateway.num_replicas)
+
+
+# Optional GenerateRequest fields that map one to one onto sampling fields (unset: the default).
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+
+# Streams the engine ended without a result: the status the RPC ends with.
+_ENDED_BY = {
+    "error": ENGINE_FAILED_REQUEST,
+    "abort": Failure(Kind.CANCELLED, "the request was aborted"),
+}
+
+
+class GrpcRequestError(Exception):
+    """Ends an RPC with the status code set on its context (Serve's proxy keeps a code set before raising)."""
+
+
+def _fail(context: StatusContext, failure: Failure) -> None:
+    context.set_code(failure.kind.grpc_code)
+    context.set_details(failure.message)
+    raise GrpcRequestError(failure.message)

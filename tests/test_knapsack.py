@@ -81,3 +81,12 @@ def test_hand_cases() -> None:
     # Empty queue, zero capacity.
     assert choose_cache_types([], 10) == []
     assert choose_cache_types([a], 0) == ["skip"]
+
+
+def test_a_request_that_may_only_use_hidden_keeps_it_whatever_its_size() -> None:
+    """Hidden is dropped for needing as many blocks as KV only when KV is a choice: a forced-hidden
+    request (KV worth nothing) of one block each way must still run."""
+    forced = CacheOption(value_kv=0.0, blocks_kv=1, value_hidden=1e-6, blocks_hidden=1)
+    assert choose_cache_types([forced], capacity_blocks=4) == ["hidden"]
+    both = CacheOption(value_kv=1.0, blocks_kv=1, value_hidden=0.5, blocks_hidden=1)
+    assert choose_cache_types([both], capacity_blocks=4) == ["kv"]

@@ -10,6 +10,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hybrid_cache.plan import MAX_INT64, SAMPLING_EPS, BatchPlan, CacheType, SamplingParams, SequencePlan
 from hybrid_cache.plan_codec import decode_plan, encode_plan
@@ -105,3 +107,18 @@ def test_codec_round_trip_of_every_accepted_edge_value() -> None:
         fields = ("temperature", "top_p", "top_k", "seed")
         assert [getattr(got, f) for f in fields] == [getattr(original, f) for f in fields], original
         assert got.greedy == original.greedy
+
+
+@given(
+    temperature=st.floats(0.0, 1e6, allow_nan=False) | st.sampled_from([1e-40, BELOW_EPS, SAMPLING_EPS]),
+    top_p=st.floats(0.0, 1.0, exclude_min=True),
+    top_k=st.integers(-1, MAX_INT64),
+    seed=st.none() | st.integers(0, MAX_INT64),
+)
+@settings(max_examples=300, deadline=None)
+def test_codec_round_trip_property(temperature: float, top_p: float, top_k: int, seed: int | None) -> None:
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    got = decode_plan(encode_plan(_plan([params]))).seqs[0].sampling
+    fields = ("temperature", "top_p", "top_k", "seed")
+    assert [getattr(got, f) for f in fields] == [getattr(params, f) for f in fields]
+    assert got == SamplingParams(temperature=got.temperature, top_p=got.top_p, top_k=got.top_k, seed=got.seed)

@@ -48,6 +48,9 @@ class EngineService:
         self.num_callers_reaped = 0
         # Reaped callers' aborted requests (and when): told to the caller if it polls again after all.
         self._reaped: dict[str, tuple[float, list[str]]] = {}
+        # Aborts that came before their request (a caller that cancelled its add_request: the abort
+        # can overtake it), and when: such a request is dropped on arrival instead of running unread.
+        self._early_aborts: dict[str, float] = {}
 
     def _outbox(self, caller: str) -> _Outbox:
         """The caller's outbox, marked as seen now; starts the reaper on first use (needs a running loop)."""
@@ -78,7 +81,14 @@ class EngineService:
         """Queue a request; its outputs come from `poll(caller)`. Raises ValueError / QueueFull.
 
         `received_at`: wall-clock time (`time.time()`) at which the ingress received it (TTFT counts from it).
+        A request whose abort arrived first (within `caller_timeout_s`) is not queued: its caller gets
+        `(request_id, "aborted before it started")` instead of outputs.
         """
+        if self._early_aborts.pop(request_id, None) is not None:
+            box = self._outbox(caller)
+            box.outputs.append((request_id, "aborted before it started"))
+            box.ready.set()
+            return
         stream = self.engine.generate(
             prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s, received_at=received_at
         )
@@ -126,6 +136,8 @@ class EngineService:
         self.engine.abort(request_id, reason)  # first, so the engine counts this reason
         if task is not None:
             task.cancel()  # its stream's own abort comes second and changes nothing
+        else:
+            self._early_aborts[request_id] = time.monotonic()
 
     # -- callers that went away -------------------------------------------------------------------
     async def _reap_forever(self) -> None:
@@ -143,6 +155,7 @@ class EngineService:
             if box.polls_in_progress == 0 and now - box.last_seen > self.caller_timeout_s
         ]
         self._reaped = {c: entry for c, entry in self._reaped.items() if now - entry[0] < 10 * self.caller_timeout_s}
+        self._early_aborts = {r: t for r, t in self._early_aborts.items() if now - t < self.caller_timeout_s}
         for caller in gone:
             box = self._outboxes.pop(caller)
             if box.request_ids:

@@ -345,3 +345,41 @@ def test_a_dead_loop_is_reported_and_new_requests_are_refused() -> None:
         assert not loop_engine.healthy and not loop_engine.stats().healthy
     finally:
         loop_engine.shutdown()
+
+
+def test_an_abort_that_overtakes_its_request_keeps_the_request_from_running() -> None:
+    """A caller that cancels its `add_request` aborts it; the abort may reach the service first."""
+    service = _slow_service()
+
+    async def scenario() -> list:
+        await service.abort("cancelled")
+        await service.add_request("c", "cancelled", [5, 6], SamplingParams(max_tokens=250, ignore_eos=True))
+        return await service.poll("c", timeout_s=1.0)
+
+    try:
+        assert asyncio.run(scenario()) == [("cancelled", "aborted before it started")]
+        stats = service.engine.stats()
+        assert stats.num_running == stats.num_waiting == 0 and not service._tasks
+    finally:
+        asyncio.run(service.shutdown())
+
+
+def test_a_queue_full_lost_race_reaches_the_caller_as_queue_full() -> None:
+    """`generate` checked the queue, but it filled before the loop took the request."""
+    engine = make_engine()
+    loop_engine = AsyncEngine(engine)
+
+    def full(*args: object, **kwargs: object) -> str:
+        raise QueueFull("the waiting queue is full (1 requests): retry later")
+
+    engine.add_request = full
+
+    async def scenario() -> None:
+        with pytest.raises(QueueFull):
+            [out async for out in loop_engine.generate([5], LONG, "late")]
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+        assert loop_engine.healthy and not loop_engine._streams
+    finally:
+        loop_engine.shutdown()

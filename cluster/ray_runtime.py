@@ -7,6 +7,7 @@ Ray Serve's gRPC listeners, which no Ray setting moves, are moved by `cluster/lo
 from __future__ import annotations
 
 import ray
+from ray._private import ray_constants
 
 from cluster.loopback import HOST_ENV
 
@@ -21,6 +22,9 @@ def ensure_ray(num_cpus: float | None = None, address: str | None = None, grpc_h
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    # `cluster/__init__.py` turns Ray's cluster mode off (services on loopback), but Ray reads the switch
+    # when it is imported: a process that imported Ray first would start its services on every interface.
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, True)
     ray.init(
         address="local",
         num_cpus=num_cpus,

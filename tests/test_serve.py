@@ -4,6 +4,7 @@ client, gRPC against HTTP, 100 concurrent streams with 30 dropped, /metrics, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -64,15 +65,16 @@ class Server:
             time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_opt_with_tokenizer: Path) -> Iterator[Server]:
+@contextlib.contextmanager
+def serving(model_dir: Path, **overrides: object) -> Iterator[Server]:
+    """The product on Ray Serve over `model_dir` (tiny), on free loopback ports, until the block ends."""
     ensure_ray(num_cpus=2)
     config = load_config(overrides={
-        "model.path": str(tiny_opt_with_tokenizer), "cache.block_size": 4, "cache.num_blocks": 256,
+        "model.path": str(model_dir), "cache.block_size": 4, "cache.num_blocks": 256,
         "scheduler.cache_mode": "hybrid", "scheduler.policy": "apt", "scheduler.max_waiting": 200,
         "server.served_model_name": MODEL, "server.port": free_port(), "server.grpc_port": free_port(),
         "server.request_timeout_s": 60,
-    })
+    } | overrides)
     start_serving(config)
     server = Server(config)
     deadline = time.monotonic() + 120
@@ -85,8 +87,16 @@ def server(tiny_opt_with_tokenizer: Path) -> Iterator[Server]:
         time.sleep(0.5)
     else:
         raise AssertionError("the server did not become healthy")
-    yield server
-    stop_serving(config)
+    try:
+        yield server
+    finally:
+        stop_serving(config)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_opt_with_tokenizer: Path) -> Iterator[Server]:
+    with serving(tiny_opt_with_tokenizer) as running:
+        yield running
 
 
 def test_official_openai_client(server: Server) -> None:

@@ -51,3 +51,11 @@ def test_ray_only_in_its_thin_modules() -> None:
         if "ray" in imported_roots(f)
     }
     assert users == RAY_MODULES
+
+
+def test_simulator_needs_no_model_code() -> None:
+    """bench/simulator drives scheduler_service and hybrid_cache only: no worker, torch or Ray."""
+    files = sorted((REPO / "bench" / "simulator").rglob("*.py"))
+    assert files
+    wrong = {str(f.relative_to(REPO)): sorted(imported_roots(f) & {"worker", "torch", "ray", "cluster"}) for f in files}
+    assert not {k: v for k, v in wrong.items() if v}, f"the simulator imports model code: {wrong}"

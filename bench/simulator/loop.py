@@ -57,6 +57,7 @@ class StepStats:
     seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0, "mixed": 0.0})
     recompute_seconds: float = 0.0
     recompute_tokens: int = 0
+    model_wall_seconds: float = 0.0  # real time spent in the step-time model (the simulator's own cost)
 
 
 class SimExecutor:
@@ -72,6 +73,7 @@ class SimExecutor:
     def execute(self, plan: BatchPlan) -> list[int]:
         if not plan.seqs:
             return []
+        started = time.perf_counter()
         shape = StepShape.of(plan)
         seconds = self.model.seconds(shape)
         kind = "mixed" if shape.num_prefill and shape.num_decode else "prefill" if shape.num_prefill else "decode"
@@ -81,6 +83,7 @@ class SimExecutor:
             self.stats.recompute_tokens += shape.recompute_tokens
             self.stats.recompute_seconds += self.model.recompute.seconds(shape.recompute_tokens)
         self.clock.now += seconds
+        self.stats.model_wall_seconds += time.perf_counter() - started
         return [SYNTHETIC_TOKEN] * len(plan.seqs)
 
     def timings(self) -> dict[str, float]:

@@ -56,27 +56,32 @@ def unloaded(config: SimConfig, samples: Sequence[Sample], count: int = 50) -> U
 
 
 def sweep(config: SimConfig, samples: Sequence[Sample], rates: tuple[float, float] | list[float], cv: float,
-          seed: int, slo: SLO, iterations: int = 6, on_probe: Callable[[float, float], None] | None = None) -> dict:
+          seed: int, slo: SLO, iterations: int = 6, on_probe: Callable[[float, float], None] | None = None,
+          rate_map: Callable[[float], float] | None = None) -> dict:
     """Attainment by rate (bisection between two bounds, or the listed rates), the effective throughput,
-    and each probe's summary. `config`'s SLOs should be `slo` (the apt policy schedules by them)."""
+    and each probe's summary. `config`'s SLOs should be `slo` (the apt policy schedules by them).
+    With `rate_map`, the bisection runs over x and probes the rate `rate_map(x)` (e.g. log spacing)."""
     probes: dict[float, dict] = {}
+    attainment: dict[float, float] = {}
 
-    def probe(rate: float) -> float:
+    def probe(x: float) -> float:
+        rate = rate_map(x) if rate_map else x
         load = workload(samples, rate, cv, seed)
         result = simulate(config, load)
         summary = summarize(result.records, slo, max(w.arrival for w in load))
         summary |= {"preemptions": result.num_preemptions, "conversions": result.num_conversions,
                     "tokens_by_cache_type": result.tokens_by_cache_type, "wall_seconds": result.wall_seconds}
         probes[rate] = summary
-        attained = attainment_table([(rate, result.records)], slo)[rate]
+        attained = attainment[rate] = attainment_table([(rate, result.records)], slo)[rate]
         if on_probe is not None:
             on_probe(rate, attained)
         return attained
 
     if isinstance(rates, tuple):
-        _, attainment = bisect_rate(probe, *rates, target=0.9, iterations=iterations)
+        bisect_rate(probe, *rates, target=0.9, iterations=iterations)
     else:
-        attainment = {rate: probe(rate) for rate in rates}
+        for rate in rates:
+            probe(rate)
     return {"attainment_by_rate": dict(sorted(attainment.items())),
             "effective_throughput": effective_throughput(attainment) or 0.0,
             "probes": {str(k): v for k, v in sorted(probes.items())}}

@@ -20,12 +20,13 @@ class AptPolicy(Policy):
 
     A request's value is its pending time `p` (since its last token, or its arrival) with KV, and
     `p - U·α·m` with the hidden cache (`U` requests not yet late each slowed by the recompute of its
-    `m` blocks). That hidden value is negative at realistic α for most on-time requests; it is floored
-    at `violator_density` per hidden block (what a late KV request is worth), so a request that may
-    only run as hidden (cache_mode hidden, `cache_type: hidden`, or too long for KV at its longest)
-    still runs — with spare room, like a late one — instead of never being admitted (or, running,
-    being preempted every step). Where KV is allowed and fits, KV's value is far above the floor, so
-    the floor changes nothing there. Requests already past an SLO get a tiny value density: spare room only. Waiting
+    `m` blocks). That hidden value is negative at realistic α for most on-time requests: where KV is
+    allowed this rightly means "wait for KV rather than slow everyone down", but a request that may
+    only run as hidden (cache_mode hidden, `cache_type: hidden`, or pinned to hidden at admission
+    because its KV blocks at its longest exceed the cache) would never be admitted, or, running, be
+    preempted every step. For those requests the hidden value is floored at `violator_density` per
+    hidden block (what a late KV request is worth): they run with spare room, like late ones.
+    Requests already past an SLO get a tiny value density: spare room only. Waiting
     requests compete for the free blocks, running ones for the whole cache; a running request that
     loses is preempted, one that keeps its type just goes on, and a hidden one chosen as KV is
     converted in place when its KV blocks are free (else it stays hidden this step).
@@ -138,9 +139,10 @@ class _Candidates:
             blocks_hidden = np.zeros_like(blocks_kv)
         on_time_kv = self.pending + config.pending_floor_s
         value_kv = np.where(self.late, config.violator_density * blocks_kv, on_time_kv)
-        # Floored (see the class docstring): a request that can only run as hidden keeps a positive value.
-        on_time_hidden = np.maximum(
-            on_time_kv - on_time * view.alpha * blocks_kv, config.violator_density * blocks_hidden
+        # Floored where KV is not allowed (see the class docstring): such a request keeps a positive value.
+        on_time_hidden = on_time_kv - on_time * view.alpha * blocks_kv
+        on_time_hidden = np.where(
+            self.may_kv, on_time_hidden, np.maximum(on_time_hidden, config.violator_density * blocks_hidden)
         )
         value_hidden = np.where(self.late, config.violator_density * blocks_hidden / 2, on_time_hidden)
         value_kv = np.where(self.may_kv, value_kv, 0.0)  # KV not allowed: a non-positive choice drops

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -190,8 +191,10 @@ class Engine:
     ) -> tuple[list[int], CacheType | None]:
         """Check a request without queueing it (reads only fixed engine facts: safe from any thread)."""
         for name, value in (("ttft_slo_s", ttft_slo_s), ("tbt_slo_s", tbt_slo_s)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:  # NaN too
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         prompt = self._check_prompt(prompt_token_ids)
         vocab = self.info.vocab_size
         for token in params.stop_token_ids:

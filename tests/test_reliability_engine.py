@@ -383,3 +383,11 @@ def test_a_queue_full_lost_race_reaches_the_caller_as_queue_full() -> None:
         assert loop_engine.healthy and not loop_engine._streams
     finally:
         loop_engine.shutdown()
+
+
+@pytest.mark.parametrize("slo", [float("nan"), -1.0, 0.0, "5", True])
+def test_bad_slos_are_refused_naming_the_field(slo: object) -> None:
+    engine = make_engine()
+    with pytest.raises(ValueError, match="ttft_slo_s"):
+        engine.add_request([5], LONG, ttft_slo_s=slo)
+    assert_idle_and_empty(engine)

@@ -37,6 +37,7 @@ REQUIRED_PANELS = {
     "scheduler time per iteration": "aptserve:scheduler_iteration_seconds_bucket",
     "tokens/s": "aptserve:generation_tokens_total",
     "engine time by part": "aptserve:step_seconds_total",
+    "replicas up": "aptserve:up",
 }
 
 
@@ -186,6 +187,15 @@ def test_alerts_watch_the_waiting_queue_and_attainment() -> None:
     assert "aptserve:num_requests_waiting" in queried["AptServeWaitingQueueSustained"]
     falling = queried["AptServeSLOAttainmentFalling"]
     assert {"aptserve:requests_slo_met_total", "aptserve:requests_slo_judged_total"} <= falling
+
+
+def test_alerts_watch_replicas_that_are_down() -> None:
+    document = yaml.safe_load(RULE_FILES[0].read_text())
+    rules = {rule["alert"]: rule for group in document["groups"] for rule in group["rules"]}
+    assert rules["AptServeReplicaDown"]["expr"].strip() == "aptserve:up == 0"
+    assert rules["AptServeReplicaDown"]["labels"]["severity"] == "critical"
+    refused = {name for name, _ in used(rules["AptServeRequestsRefusedNoReplica"]["expr"])}
+    assert refused == {"aptserve:requests_rejected_total"}
 
 
 def test_dashboard_is_well_formed_and_generated() -> None:

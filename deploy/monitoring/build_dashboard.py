@@ -102,6 +102,11 @@ def panels() -> list[dict]:
               [target(f"sum(aptserve:num_requests_running{{{MODEL}}})", "")], "short"),
         panel("stat", "Waiting", "Requests waiting to be admitted (new or preempted).",
               [target(f"sum(aptserve:num_requests_waiting{{{MODEL}}})", "")], "short"),
+        panel("stat", "Replicas up", "Engine replicas that answer and whose engine loop runs (aptserve:up); a "
+              "dead or restarting replica counts 0 and shows none of its other series.",
+              [target(f"sum(aptserve:up{{{MODEL}}})", "")], "short",
+              thresholds={"mode": "absolute", "steps": [{"color": "red", "value": None},
+                                                        {"color": "green", "value": 1}]}),
     ]
     traffic = [
         panel("timeseries", "Requests / s", "Finished requests by finish reason, and requests refused at "
@@ -165,6 +170,9 @@ def panels() -> list[dict]:
                target(gauge("num_cache_blocks"), "blocks: {{replica}}")], "short"),
     ]
     scheduler[-1]["fieldConfig"]["overrides"].append(BLOCKS_RIGHT)
+    scheduler.append(panel("timeseries", "Engine replicas up", "1 while a replica answers and its engine loop runs, "
+                           "0 while it is dead or restarting (Ray restarts it; the router skips it meanwhile).",
+                           [target(gauge("up"), "{{replica}}")], "short", min=0, max=1))
     laid_out: list[dict] = []
     y = 0
     for title, group, height in (("Overview", stats, 4), ("Traffic", traffic, 8), ("Latency and SLOs", latency, 8),

@@ -57,3 +57,47 @@ def test_sampling_frequencies_follow_the_distribution() -> None:
     for _ in range(3000):
         counts[sampler.sample(logits, [0], [params])[0]] += 1
     assert torch.allclose(counts / counts.sum(), torch.tensor([0.7, 0.2, 0.1]), atol=0.04)
+
+
+def test_seeds_that_differ_by_2_to_the_32_give_different_streams() -> None:
+    # torch's CPU generator keeps 32 bits of its seed: the sampler mixes all 64 bits first.
+    logits = torch.zeros(1, 1000)
+    streams = []
+    for seed in (5, 5 + 2**32, 5 + 2**33, 2**63 - 1):
+        sampler = Sampler(torch.device("cpu"), seed=0)
+        params = SamplingParams(temperature=1.0, seed=seed)
+        streams.append([sampler.sample(logits, [0], [params])[0] for _ in range(8)])
+    assert len({tuple(s) for s in streams}) == len(streams)
+
+
+def test_batched_filtering_matches_row_by_row() -> None:
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(3))
+    params = [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.0, top_k=5),
+        SamplingParams(temperature=1.3, top_p=0.6),
+        SamplingParams(temperature=0.5, top_k=3, top_p=0.9),
+        SamplingParams(temperature=1.0, top_k=40),
+        SamplingParams(temperature=2.0, top_p=1.0, top_k=1),
+    ]
+    from worker.sampler import filtered_probs_batch
+
+    batch = filtered_probs_batch(logits, params)
+    for row, p in enumerate(params):
+        assert torch.allclose(batch[row], _row_reference(logits[row], p))
+        assert torch.allclose(batch[row].sum(), torch.tensor(1.0))
+    assert (batch[1] > 0).sum() == 5 and (batch[5] > 0).sum() == 1
+
+
+def _row_reference(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The former one-row-at-a-time filter, kept as the reference."""
+    scaled = logits / params.temperature
+    if 0 < params.top_k < scaled.numel():
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = scaled.sort(descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        scaled = scaled.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+    return scaled.softmax(-1)

@@ -1,4 +1,4 @@
-"""Pick the next token of every request from its logits."""
+"""Pick the next token of every request from its logits, for the whole batch at once."""
 
 from __future__ import annotations
 
@@ -6,11 +6,29 @@ import torch
 
 from hybrid_cache.plan import SamplingParams
 
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(seed: int) -> int:
+    """A request's seed folded into the 32 bits torch's CPU generator keeps (splitmix64, then high ^ low).
+
+    `torch.Generator.manual_seed` on the CPU keeps only the low 32 bits, so seeds that differ by 2**32
+    would give the same stream; mixing all 64 bits first makes every bit of the seed count.
+    """
+    z = (seed + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z ^ (z >> 32)) & 0xFFFFFFFF
+
 
 class Sampler:
     """Greedy, temperature, top-k and top-p sampling; a request with a seed has its own generator.
 
-    A seeded request's tokens depend only on its seed and its logits, whatever else is in the batch.
+    The batch is filtered in a few tensor operations (no Python loop per row); a token is drawn by the
+    exponential race (argmax of `p / E`, `E ~ Exp(1)`, which picks token i with probability p_i), one
+    draw of noise for all unseeded rows and one per seeded row, from that request's generator, so a
+    seeded request's tokens depend only on its seed and its logits, whatever else is in the batch.
     """
 
     def __init__(self, device: torch.device, seed: int) -> None:
@@ -22,34 +40,59 @@ class Sampler:
         for seq_id in seq_ids:
             self._seeded.pop(seq_id, None)
 
-    def _generator(self, seq_id: int, params: SamplingParams) -> torch.Generator:
-        if params.seed is None:
-            return self._shared
+    def _generator(self, seq_id: int, seed: int) -> torch.Generator:
         if seq_id not in self._seeded:
-            self._seeded[seq_id] = torch.Generator(device=self.device).manual_seed(params.seed)
+            self._seeded[seq_id] = torch.Generator(device=self.device).manual_seed(mix_seed(seed))
         return self._seeded[seq_id]
 
     def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams]) -> list[int]:
         """One token id per row of `logits` `[B, vocab]`."""
         logits = logits.float()
         tokens = logits.argmax(dim=-1)
-        for row, (seq_id, p) in enumerate(zip(seq_ids, params)):
-            if not p.greedy:
-                probs = filtered_probs(logits[row], p)
-                tokens[row] = torch.multinomial(probs, 1, generator=self._generator(seq_id, p))[0]
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if not rows:
+            return tokens.tolist()
+        chosen = [params[i] for i in rows]
+        probs = filtered_probs_batch(logits[rows], chosen)
+        noise = torch.empty_like(probs)
+        unseeded = [j for j, p in enumerate(chosen) if p.seed is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
+                generator=self._shared
+            )
+        for j, p in enumerate(chosen):
+            if p.seed is not None:
+                noise[j].exponential_(generator=self._generator(seq_ids[rows[j]], p.seed))
+        tokens[rows] = (probs / noise).argmax(dim=-1)
         return tokens.tolist()
 
 
-def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities after temperature, top-k and top-p (nucleus) filtering of one row of logits."""
-    scaled = logits / params.temperature
-    if 0 < params.top_k < scaled.numel():
-        kth = torch.topk(scaled, params.top_k).values[-1]
+def filtered_probs_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p (nucleus) filtering of rows `[B, vocab]`."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+    scaled = logits / temperature
+    vocab = scaled.shape[1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(top_k):
+        largest = torch.topk(scaled, max(top_k), dim=-1).values
+        k = torch.tensor(top_k, device=device)
+        kth = largest.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
+        kth = torch.where(k.unsqueeze(1) > 0, kth, torch.full_like(kth, float("-inf")))
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = scaled.sort(descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    nucleus = [j for j, p in enumerate(params) if p.top_p < 1.0]
+    if nucleus:
+        part = scaled[nucleus]
+        top_p = torch.tensor([params[j].top_p for j in nucleus], device=device).unsqueeze(1)
+        sorted_logits, order = part.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
         # Drop a token once the tokens before it already cover top_p; the first token always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
-        scaled = scaled.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+        scaled[nucleus] = part.masked_fill(drop, float("-inf"))
     return scaled.softmax(-1)
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """`filtered_probs_batch` for one row of logits `[vocab]`."""
+    return filtered_probs_batch(logits.unsqueeze(0), [params])[0]

@@ -24,5 +24,9 @@ class LocalExecutor:
     def timings(self) -> dict[str, float]:
         return self.runner.timings()
 
+    def describe(self) -> dict[str, object]:
+        """The attention backend and GEMM path in use (as the Ray ranks' `describe`)."""
+        return self.runner.describe()
+
     def shutdown(self) -> None:
         pass  # the runner is freed with this object

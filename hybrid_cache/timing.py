@@ -11,11 +11,14 @@ from contextlib import contextmanager
 class StepTimer:
     """Adds the wall time of each measured block to a named total.
 
-    Host wall time: exact on the CPU; on a GPU it counts launch time unless the caller synchronises.
+    Host wall time: exact on the CPU, where every op has finished when it returns; on a GPU it counts
+    launch time unless the caller synchronises. `counts` holds how many blocks each total covers, so
+    a test can check that every call of a part was measured.
     """
 
     def __init__(self) -> None:
         self.totals: defaultdict[str, float] = defaultdict(float)
+        self.counts: defaultdict[str, int] = defaultdict(int)
 
     @contextmanager
     def measure(self, name: str) -> Iterator[None]:
@@ -24,3 +27,4 @@ class StepTimer:
             yield
         finally:
             self.totals[name] += time.perf_counter() - start
+            self.counts[name] += 1

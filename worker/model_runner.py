@@ -74,6 +74,10 @@ class ModelRunner:
             cost=self.cost,
         )
 
+    def describe(self) -> dict[str, object]:
+        """How this rank computes: its attention backend and whether its GEMM weights are prepacked."""
+        return {"attention_backend": self.backend.name, "prepacked_gemms": self.model.lm_packed is not None}
+
     def timings(self) -> dict[str, float]:
         """Cumulative seconds: `model` (whole steps), `attention` (within it), `recompute` (within that)."""
         return dict(self.cache.workspace.timer.totals)

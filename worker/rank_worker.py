@@ -50,7 +50,7 @@ class RankWorker:
             "kv_bytes_per_token_per_layer": self.runner.layout.bytes_per_token_per_layer(CacheType.KV),
             "hidden_bytes_per_token_per_layer": self.runner.layout.bytes_per_token_per_layer(CacheType.HIDDEN),
             "cache_bytes": self.runner.cache.nbytes,
-        }
+        } | self.runner.describe()
 
     def shutdown(self) -> None:
         destroy_tensor_parallel()

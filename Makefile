@@ -7,9 +7,13 @@ MODEL_DIR := data/models/SmolLM2-135M-Instruct
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup model test serve lint proto bench-peer
+.PHONY: setup model kernels test serve lint proto bench-peer
 
-setup: $(STAMP) model
+setup: $(STAMP) model kernels
+
+# Our C++ attention kernel (csrc/), compiled once into build/kernels (about 12 s on two cores).
+kernels: $(STAMP)
+	$(BIN)/python -m worker.kernels
 
 # torch first, alone, so that nothing pulls a CUDA build; then the project and its pinned deps.
 $(STAMP): pyproject.toml
@@ -27,8 +31,12 @@ $(MODEL_DIR)/config.json: | $(STAMP)
 test: setup
 	$(BIN)/python -m pytest tests
 
+# glibc: keep freed multi-MB activations (up to 32 MiB, its maximum) in the heap instead of unmapping
+# them, and never trim it (no page faults per layer per step); measured effect in docs/BENCHMARKS.md, "Engine speed".
+ENGINE_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
+
 serve: setup
-	$(BIN)/aptserve serve --config configs/default.yaml
+	$(ENGINE_ENV) $(BIN)/aptserve serve --config configs/default.yaml
 
 lint: setup
 	$(BIN)/ruff check .

@@ -61,13 +61,16 @@ class EngineClient:
         cache_type: CacheType | str | None = None,
         ttft_slo_s: float | None = None,
         tbt_slo_s: float | None = None,
+        received_at: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Queue the request remotely (bad input raises here, as the engine's own error) and stream it."""
+        """Queue the request remotely (bad input raises here, as the engine's own error) and stream it.
+        `received_at`: when the ingress received it (`time.time()`), where its TTFT starts."""
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         try:
             await self.handle.add_request.remote(
-                self.caller, request_id, list(prompt_token_ids), params, cache_type, ttft_slo_s, tbt_slo_s
+                self.caller, request_id, list(prompt_token_ids), params, cache_type, ttft_slo_s, tbt_slo_s,
+                received_at=received_at,
             )
         except BaseException:
             self._streams.pop(request_id, None)
@@ -118,7 +121,7 @@ class EngineClient:
         queue = self._streams.get(request_id)
         if queue is not None:
             queue.put_nowait(RequestAborted(f"request {request_id!r} was aborted"))
-        await self.handle.abort.remote(request_id)
+        await self.handle.abort.remote(request_id, reason)
 
     async def stats(self) -> EngineStats:
         return await asyncio.wait_for(self.handle.stats.remote(), self.call_timeout_s)

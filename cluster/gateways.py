@@ -2,11 +2,13 @@
 (`cluster/router.py`).
 
 Both give the same async face: `generate` (validate and queue, then a `RequestStream` of outputs),
-`abort`, `health` (each replica's state) and `replica_stats` (for /metrics; None for a replica that is down).
+`abort`, `health` (each replica's state) and `replica_stats` (for /metrics; None for a replica that does
+not answer, `healthy` False in the stats of one whose engine loop stopped).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -77,16 +79,17 @@ class LocalGateway:
     ) -> RequestStream:
         if request_id in self._live:
             raise DuplicateRequestId(f"request id {request_id!r} is already in use")
-        stream = self.engine.generate(prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s)
+        stream = self.engine.generate(prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s,
+                                      received_at=received_at)
         self._live.add(request_id)
         return RequestStream(stream, abandon=lambda: self.engine.abort(request_id),
                              closed=lambda _: self._live.discard(request_id))
 
     async def abort(self, request_id: str, reason: str = "client") -> None:
-        self.engine.abort(request_id)
+        self.engine.abort(request_id, reason)
 
     async def health(self) -> dict[str, str]:
         return {"0": UP if self.engine.healthy else DOWN}
 
     async def replica_stats(self) -> list[tuple[str, EngineStats | None]]:
-        return [("0", self.engine.stats() if self.engine.healthy else None)]
+        return [("0", await asyncio.to_thread(self.engine.stats))]  # it waits for the step in progress

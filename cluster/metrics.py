@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from scheduler_service.engine import EngineStats
+from scheduler_service.engine import ABORT_REASONS, EngineStats
 from scheduler_service.metrics import Histogram
 
 PREFIX = "aptserve:"
@@ -35,9 +35,10 @@ METRICS = {
     "num_requests_by_cache_type": "Running requests by the cache type they hold.",
     "num_cache_blocks": "Cache blocks of this replica.",
     "recompute_seconds_per_block": "Alpha: seconds of K/V recompute per block of hidden history per step.",
-    "slo_attainment": "Share of finished requests that met their TTFT and P99 TBT SLOs (NaN before any).",
-    "requests_slo_met_total": "Finished requests that met their TTFT and P99 TBT SLOs.",
-    "requests_slo_judged_total": "Finished requests (stop or length): the attainment's denominator.",
+    "slo_attainment": "Share of judged requests that met their TTFT and P99 TBT SLOs (NaN before any).",
+    "requests_slo_met_total": "Requests that finished (stop or length) within their TTFT and P99 TBT SLOs.",
+    "requests_slo_judged_total": "Requests judged against the SLOs: every request the engine accepted, once ended "
+    "(any finish reason: timeouts, aborts and errors are misses), and every queue-full refusal.",
     "num_preemptions_total": "Requests preempted (their cache freed, re-prefilled later).",
     "num_conversions_total": "Hidden-to-KV conversions in place.",
     "num_failed_steps_total": "Steps lost to a worker failure.",
@@ -45,10 +46,12 @@ METRICS = {
     "generation_tokens_total": "Tokens generated.",
     "generation_tokens_by_cache_type_total": "Tokens generated, by the cache type their request held.",
     "request_success_total": "Requests ended, by finish reason (stop, length, abort, error).",
+    "requests_aborted_total": "Requests aborted, by reason: client (went away or asked), timeout "
+    "(server.request_timeout_s), server (its caller vanished).",
     "requests_rejected_total": "Requests refused, by reason: by an engine at admission (invalid, queue_full), or "
     "by the ingress before any engine (replica=\"ingress\": invalid, not_found, too_large, already_exists, "
     "unavailable).",
-    "time_to_first_token_seconds": "Time from arrival to the first token.",
+    "time_to_first_token_seconds": "Time from the ingress's receipt of the request to its first token.",
     "inter_token_latency_seconds": "Time between consecutive tokens of a request.",
     "e2e_request_latency_seconds": "Time from arrival to the last token of finished requests.",
     "scheduler_iteration_seconds": "Scheduler time per engine iteration (policy and bookkeeping).",
@@ -103,8 +106,9 @@ class _ReplicaCollector(Collector):
             metric.add_metric([self.model, replica, *(extra or {}).values()], value)
 
         for replica, stats in self.replicas:
-            gauge("up", 0 if stats is None else 1)
-            if stats is None:
+            up = stats is not None and stats.healthy
+            gauge("up", 1 if up else 0)
+            if not up:
                 continue
             cache, metrics = stats.cache, stats.metrics
             gauge("num_requests_running", stats.num_running)
@@ -128,6 +132,8 @@ class _ReplicaCollector(Collector):
                 counter("generation_tokens_by_cache_type_total", tokens, {"cache_type": cache_type})
             for reason in ("stop", "length", "abort", "error"):
                 counter("request_success_total", metrics.request_success.get(reason, 0), {"finished_reason": reason})
+            for reason in ABORT_REASONS:
+                counter("requests_aborted_total", metrics.aborted.get(reason, 0), {"reason": reason})
             for reason, count in stats.num_rejected.items():
                 counter("requests_rejected_total", count, {"reason": reason})
             for part in ("scheduling", "execute", "model", "attention", "recompute"):

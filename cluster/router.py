@@ -117,7 +117,7 @@ class ReplicaRouter:
                 client = self.clients[index]
                 try:
                     stream = await client.generate(
-                        prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s
+                        prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s, received_at
                     )
                 except Exception as err:
                     if not is_engine_failure(err):
@@ -159,10 +159,13 @@ class ReplicaRouter:
             if not self._up[index]:
                 return None
             try:
-                return await self.clients[index].stats()
+                stats = await self.clients[index].stats()
             except Exception as err:  # noqa: BLE001 - dead or restarting: down
                 self.mark_down(index, err)
                 return None
+            if not stats.healthy:  # the actor answers but its engine loop stopped: the next probe restarts it
+                self.mark_down(index, RuntimeError("its engine loop stopped"))
+            return stats
 
         stats = await asyncio.gather(*(one(i) for i in range(self.num_replicas)))
         return [(str(i), s) for i, s in enumerate(stats)]

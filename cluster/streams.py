@@ -7,6 +7,7 @@ and bound every stream with `Deadline`, so the two answer the same request the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from cluster.errors import RequestTimeout
@@ -52,6 +53,7 @@ class RequestStream:
         self._inner, self._abandon, self._closed_hook = inner, abandon, closed
         self.finished = False
         self._closed = False
+        self._reading = False
         self._error: BaseException | None = None
 
     def __aiter__(self) -> RequestStream:
@@ -60,6 +62,7 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._closed:
             raise StopAsyncIteration
+        self._reading = True
         try:
             output = await anext(self._inner)
         except StopAsyncIteration:
@@ -70,6 +73,8 @@ class RequestStream:
             self.finished, self._error = True, err
             await self.aclose()
             raise
+        finally:
+            self._reading = False
         if output.finished:
             self.finished = True
         return output
@@ -81,17 +86,21 @@ class RequestStream:
         try:
             if not self.finished:
                 self._abandon()
-            await self._inner.aclose()  # type: ignore[attr-defined]
+            if not self._reading:  # a read in progress (in a task being cancelled) ends the inner stream itself
+                await self._inner.aclose()  # type: ignore[attr-defined]
         finally:
             if self._closed_hook is not None:
                 self._closed_hook(self._error)
 
 
 class Deadline:
-    """`stream`, ended with `RequestTimeout` once `timeout_s` have passed (after `on_timeout()`, which
-    aborts the request as timed out); closing this closes `stream`.
+    """`stream`, ended with `RequestTimeout` once `timeout_s` have passed: first `on_timeout()` (which
+    aborts the request as timed out, so the engine counts it as such), then the stream is closed.
+    Closing this closes `stream`.
 
-    Each output is awaited in the consumer's task (no helper task), so a cancelled consumer can close it.
+    Each output is awaited in a helper task, so that the timeout does not cancel the stream's own wait
+    (a cancelled stream aborts its request as abandoned by its client, before `on_timeout` could). A
+    cancelled consumer cancels the helper, which aborts the request as abandoned: it was.
     """
 
     def __init__(
@@ -104,14 +113,24 @@ class Deadline:
         return self
 
     async def __anext__(self) -> RequestOutput:
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.ensure_future(anext(self.stream))
         try:
-            async with asyncio.timeout_at(self._deadline):
-                return await anext(self.stream)
-        except TimeoutError:
-            if self.on_timeout is not None:
-                await self.on_timeout()
-            await self.aclose()
-            raise RequestTimeout(f"the request took longer than {self.timeout_s:g} s and was aborted") from None
+            done, _ = await asyncio.wait({waiting}, timeout=max(0.0, self._deadline - loop.time()))
+        except BaseException:  # the consumer was cancelled: so is its read, which abandons the request
+            waiting.cancel()
+            with contextlib.suppress(BaseException):
+                await waiting
+            raise
+        if done:
+            return waiting.result()  # raises StopAsyncIteration at the end, or the stream's error
+        if self.on_timeout is not None:
+            await self.on_timeout()
+        waiting.cancel()
+        with contextlib.suppress(BaseException):  # the cancelled wait, or an error that came meanwhile
+            await waiting
+        await self.aclose()
+        raise RequestTimeout(f"the request took longer than {self.timeout_s:g} s and was aborted")
 
     async def aclose(self) -> None:
         await self.stream.aclose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import pytest
 from ray.exceptions import ActorDiedError
@@ -65,7 +66,7 @@ class FakeClient:
 
     async def stats(self) -> object:
         self._check()
-        return "stats"
+        return SimpleNamespace(healthy=self.loop_ok)
 
     def restart(self) -> None:
         self.restarts += 1
@@ -89,7 +90,7 @@ def test_a_dead_replica_is_skipped_until_a_probe_finds_it_back() -> None:
             assert (await finish(await router.generate([1], PARAMS, f"r{i}")))[-1].finished
         assert first.submitted == [] and second.submitted == ["r0", "r1", "r2", "r3"]
         assert await router.health() == {"0": DOWN, "1": UP}
-        assert dict(await router.replica_stats()) == {"0": None, "1": "stats"}
+        assert dict(await router.replica_stats()) == {"0": None, "1": SimpleNamespace(healthy=True)}
         first.alive = True
         await router.generate([1], PARAMS, "probe-trigger")  # goes to replica 1; a probe of 0 starts aside
         for _ in range(3):
@@ -122,10 +123,12 @@ def test_a_replica_whose_engine_loop_stopped_is_restarted() -> None:
     only.loop_ok = False
 
     async def run() -> None:
-        assert await router.health() == {"0": DOWN}
-        assert only.restarts == 1
+        assert dict(await router.replica_stats())["0"].healthy is False  # /metrics: up 0, seen by the router
         with pytest.raises(NoHealthyReplica):
-            await router.generate([1], PARAMS, "a")
+            await router.generate([1], PARAMS, "a")  # the due probe finds the loop stopped: restart
+        assert only.restarts == 1
+        only.loop_ok = True  # restarted by Ray with a new engine
+        assert (await finish(await router.generate([1], PARAMS, "b")))[-1].finished
 
     asyncio.run(run())
 

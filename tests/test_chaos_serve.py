@@ -1,5 +1,5 @@
 """Chaos on the product's shape, Ray Serve (tiny OPT, loopback): the bad-input tables over real HTTP and
-gRPC (where Ray wraps every engine error), gRPC aborts, cancels, duplicate ids and timeouts, 200 streams
+gRPC (where Ray wraps every engine error), gRPC aborts and duplicate ids, 200 streams
 with 50 cut, the listening sockets, and, last, the engine replica actor killed mid-stream.
 
 docs/RELIABILITY.md records what these measured (the recovery time is printed by the last test).
@@ -92,15 +92,6 @@ def test_grpc_abort_ends_the_stream_with_cancelled(server: Server, stub: pb_grpc
             pass
     assert ended.value.code() == grpc.StatusCode.CANCELLED, ended.value.details()
     server.wait_idle()
-
-
-def test_grpc_cancel_aborts_the_request(server: Server, stub: pb_grpc.AptServeStub) -> None:
-    before = counter(server, "request_success_total", finished_reason="abort")
-    stream = stub.Generate(g(max_tokens=400, ignore_eos=True), timeout=60)
-    next(stream)
-    stream.cancel()
-    server.wait_idle()
-    assert counter(server, "request_success_total", finished_reason="abort") == before + 1
 
 
 def test_grpc_duplicate_request_id_is_refused_and_harms_nothing(server: Server, stub: pb_grpc.AptServeStub) -> None:

@@ -24,14 +24,16 @@ MODEL = "tiny-opt"
 
 
 @contextlib.contextmanager
-def running_server(model: Path, **overrides: object) -> Iterator[tuple[str, object]]:
+def running_server(model: Path, gateway: type[LocalGateway] = LocalGateway, **overrides: object) -> Iterator[
+    tuple[str, object]
+]:
     """The HTTP app over one in-process engine, served by uvicorn on a free loopback port."""
     config = load_config(overrides={
         "model.path": str(model), "cache.block_size": 4, "cache.num_blocks": 512,
         "scheduler.cache_mode": "hybrid", "server.served_model_name": MODEL,
     } | overrides)
     engine, tokenizer, name = build_async_engine(config)
-    frontend = Frontend(LocalGateway(engine), tokenizer, name, config.server.request_timeout_s)
+    frontend = Frontend(gateway(engine), tokenizer, name, config.server.request_timeout_s)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -197,3 +199,24 @@ def test_request_timeout_aborts(tiny_opt_with_tokenizer: Path) -> None:
         assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["code"] == 504
         wait_idle(engine)
         assert engine.stats().metrics.request_success.get("abort", 0) == 2
+        assert engine.stats().metrics.aborted == {"timeout": 2}  # a timeout is counted as one (an SLO miss)
+
+
+class Recording(LocalGateway):
+    """The in-process gateway, recording when the front end says it received each request."""
+
+    received: list[float] = []
+
+    async def generate(self, *args: object, received_at: float | None = None, **kwargs: object):  # noqa: ANN201
+        self.received.append(received_at)
+        return await super().generate(*args, received_at=received_at, **kwargs)
+
+
+def test_ttft_counts_from_the_ingress_receipt(tiny_opt_with_tokenizer: Path) -> None:
+    """The front end passes the time it received the request, so the engine's TTFT starts there."""
+    with running_server(tiny_opt_with_tokenizer, gateway=Recording) as (base, engine):
+        sent = time.time()
+        assert httpx.post(f"{base}/v1/completions", json=COMPLETION, timeout=60).status_code == 200
+        answered = time.time()
+        [received] = Recording.received
+        assert sent <= received <= answered

@@ -109,9 +109,10 @@ def panels() -> list[dict]:
                                                         {"color": "green", "value": 1}]}),
     ]
     traffic = [
-        panel("timeseries", "Requests / s", "Finished requests by finish reason, and requests refused at "
-              "admission (queue_full answers 503).",
+        panel("timeseries", "Requests / s", "Finished requests by finish reason, aborted ones by why (client, "
+              "timeout, server), and refused ones by reason (queue_full and unavailable answer 503).",
               [target(rate("request_success_total", by="finished_reason"), "{{finished_reason}}"),
+               target(rate("requests_aborted_total", by="reason"), "aborted: {{reason}}"),
                target(rate("requests_rejected_total", by="reason"), "rejected: {{reason}}")], "reqps"),
         panel("timeseries", "Tokens / s", "Generated and prompt tokens per second; generated tokens by the "
               "cache type their request held.",

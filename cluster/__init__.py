@@ -3,7 +3,7 @@
 import os
 
 # Ray reads these when it is imported and hands them to every process it starts: without the first,
-# Ray's services listen on the machine's external address; gloo's rendezvous likewise (DESIGN §9).
+# Ray's services listen on the machine's external address; gloo's rendezvous likewise (docs/RELIABILITY.md).
 # Set here, before any module of this package can import Ray. An operator can still override them.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -72,6 +72,10 @@ class EngineClient:
                 self.caller, request_id, list(prompt_token_ids), params, cache_type, ttft_slo_s, tbt_slo_s,
                 received_at=received_at,
             )
+        except asyncio.CancelledError:  # the caller left mid-submit: the actor may have queued it already
+            self._streams.pop(request_id, None)
+            self._abort_soon(request_id)  # the engine drops an abort that comes before its request too
+            raise
         except BaseException:
             self._streams.pop(request_id, None)
             raise

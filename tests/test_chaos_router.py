@@ -171,3 +171,41 @@ def test_an_abort_for_a_request_of_another_ingress_reaches_every_up_replica() ->
         assert clients[0].aborted == ["elsewhere"] and clients[2].aborted == ["elsewhere"]
 
     asyncio.run(run())
+
+
+class _Remote:
+    """A stand-in for a Ray actor method: `.remote(...)` runs `fn` and returns an awaitable."""
+
+    def __init__(self, fn) -> None:  # noqa: ANN001 - any async function
+        self.fn = fn
+
+    def remote(self, *args: object, **kwargs: object):  # noqa: ANN201 - a future
+        return asyncio.ensure_future(self.fn(*args, **kwargs))
+
+
+def test_a_submit_cancelled_midway_aborts_the_request() -> None:
+    """The caller leaves while `add_request` is in flight (the actor may accept it after): the client
+    sends an abort, which the engine applies even if it arrives before the request."""
+    from cluster.engine_client import EngineClient
+
+    aborted: list[str] = []
+
+    async def add_request(*_: object, **__: object) -> None:
+        await asyncio.sleep(10)
+
+    async def abort(request_id: str) -> None:
+        aborted.append(request_id)
+
+    handle = type("Handle", (), {"add_request": _Remote(add_request), "abort": _Remote(abort)})
+
+    async def run() -> None:
+        client = EngineClient(handle())
+        submit = asyncio.create_task(client.generate([1], PARAMS, "left"))
+        await asyncio.sleep(0.01)
+        submit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submit
+        await asyncio.sleep(0)
+        assert aborted == ["left"] and not client._streams
+
+    asyncio.run(run())

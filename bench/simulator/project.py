@@ -2,9 +2,11 @@
 
     flock /tmp/bench.lock .venv/bin/python -m bench.simulator.project --out results/simulator/projection
 
-For each setting (model, GPUs, step-time model), dataset, CV and SLO scale, each system's effective
-throughput (the highest rate with ≥ 90% paper attainment) is bisected over rates in log space
-(`r0·2^u`), on the same seeded requests. SLOs are `scale ×` the unloaded median TTFT and TPOT of that
+For each setting (model, GPUs, step-time model), dataset, CV and SLO scale, a coarse bisection of
+fcfs/kv over 0.02–82 req/s (log spaced) finds the region, then each system's effective throughput (the
+highest rate with ≥ 90% paper attainment) is bisected within a factor 2.83 of it, in log space, on
+the same seeded requests; the 90% crossing interpolated between the last passing and the next probe
+is reported beside it. SLOs are `scale ×` the unloaded median TTFT and TPOT of that
 setting and dataset. Results go to `projection.json` (appended cell by cell) and `projection.md`.
 """
 
@@ -19,7 +21,7 @@ from tqdm import tqdm
 
 from bench.simulator.api import SimConfig
 from bench.simulator.sweep import dataset_lengths, sweep, unloaded
-from bench.slo_metrics import SLO
+from bench.slo_metrics import SLO, effective_throughput
 
 SETTINGS = {  # name: (profile, tp, step model)
     "opt-13b-1xa100": ("a100-80g/opt-13b", 1, "fitted"),
@@ -27,7 +29,7 @@ SETTINGS = {  # name: (profile, tp, step model)
     "opt-66b-8xa100": ("a100-80g/opt-66b", 8, "fitted"),
     "llama2-7b-1xh100": ("h100-80g/llama-2-7b", 1, "roofline"),
 }
-DATASETS = {"sharegpt": "sharegpt", "humaneval": "humaneval", "long": "synthetic:2048-8192:64-256"}
+DATASETS = {"sharegpt": "sharegpt", "long": "synthetic:2048-8192:64-256", "humaneval": "humaneval"}
 SYSTEMS = (("fcfs", "kv"), ("apt", "kv"), ("fcfs", "hybrid"), ("apt", "hybrid"))
 LONG_CONTEXT = 8448  # the long-prompt workload needs it; beyond OPT's 2,048 the fits are extrapolated
 
@@ -43,26 +45,51 @@ def cell(setting: str, dataset: str, cv: float, scale: float, requests: int, ite
     slo = SLO(scale * alone.ttft_s, scale * alone.tpot_s)
     out = {"setting": setting, "dataset": dataset, "cv": cv, "slo_scale": scale, "unloaded": asdict(alone),
            "slo": asdict(slo), "systems": {}}
-    r0 = 0.02
+    coarse = sweep(base.model_copy(update={"ttft_slo_s": slo.ttft_s, "tbt_slo_s": slo.tbt_s}), samples,
+                   (1e-6, 12.0), cv, seed, slo, 4, rate_map=lambda u: 0.02 * 2**u)  # fcfs/kv, 0.02..82 req/s
+    centre = coarse["effective_throughput"] or 0.02
+    out["coarse_fcfs_kv"] = coarse["attainment_by_rate"]
     for policy, cache in SYSTEMS:
         config = base.model_copy(update={"policy": policy, "cache": cache, "ttft_slo_s": slo.ttft_s,
                                          "tbt_slo_s": slo.tbt_s})
-        # Bisection over u in rate = r0·2^u (0.02 .. 82 req/s), mapped back to rates.
-        result = sweep(config, samples, (1e-6, 12.0), cv, seed, slo, iterations, rate_map=lambda u: r0 * 2 ** u)
+        # Fine bisection within [centre/2.83, centre·2.83] in log space; wide again if it fails at the bottom.
+        result = sweep(config, samples, (1e-6, 3.0), cv, seed, slo, iterations,
+                       rate_map=lambda u, low=centre / 2**1.5: low * 2**u)
+        if not result["effective_throughput"]:
+            result = sweep(config, samples, (1e-6, 12.0), cv, seed, slo, iterations + 2,
+                           rate_map=lambda u: 0.02 * 2**u)
+        result["crossing"] = crossing(result["attainment_by_rate"])
         out["systems"][f"{policy}/{cache}"] = result
     return out
 
 
+def crossing(attainment: dict[float, float], target: float = 0.9) -> float:
+    """Where attainment falls through `target`, linearly interpolated between the highest rate of the
+    passing envelope (`effective_throughput`) and the next probed rate; that rate if none is higher."""
+    best = effective_throughput(attainment, target)
+    if best is None:
+        return 0.0
+    higher = sorted(r for r in attainment if r > best)
+    if not higher:
+        return best
+    nxt = higher[0]
+    a0, a1 = attainment[best], attainment[nxt]
+    return best + (nxt - best) * (a0 - target) / (a0 - a1) if a0 > a1 else best
+
+
 def markdown(cells: list[dict]) -> str:
+    """Per cell: each system's effective throughput (highest passing probe) and, in brackets, the
+    interpolated 90% crossing; the best system's crossing over fcfs/kv's."""
     names = [f"{p}/{c}" for p, c in SYSTEMS]
     lines = ["| setting | dataset | CV | SLO scale (TTFT, TBT ms) | " + " | ".join(names) + " | best / fcfs/kv |",
              "| --- | --- | ---: | --- | " + " | ".join("---:" for _ in names) + " | ---: |"]
     for c in cells:
         eff = [c["systems"][n]["effective_throughput"] for n in names]
-        gain = f"{max(eff) / eff[0]:.2f}x" if eff[0] else ("inf" if max(eff) else "-")
+        cross = [c["systems"][n].get("crossing", e) for n, e in zip(names, eff)]
+        gain = f"{max(cross) / cross[0]:.2f}x" if cross[0] else ("inf" if max(cross) else "-")
         slo = f"{c['slo_scale']:g}x ({c['slo']['ttft_s'] * 1000:.0f}, {c['slo']['tbt_s'] * 1000:.0f})"
         lines.append(f"| {c['setting']} | {c['dataset']} | {c['cv']:g} | {slo} | "
-                     + " | ".join(f"{e:.2f}" for e in eff) + f" | {gain} |")
+                     + " | ".join(f"{e:.2f} ({x:.2f})" for e, x in zip(eff, cross)) + f" | {gain} |")
     return "\n".join(lines)
 
 
@@ -81,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "projection.json"
     cells = json.loads(path.read_text()) if path.exists() else []
     done = {(c["setting"], c["dataset"], c["cv"], c["slo_scale"]) for c in cells}
-    grid = [(s, d, float(cv), float(k)) for s in args.settings.split(",") for d in args.datasets.split(",")
-            for cv in args.cvs.split(",") for k in args.scales.split(",")]
+    grid = [(s, d, float(cv), float(k)) for d in args.datasets.split(",") for cv in args.cvs.split(",")
+            for k in args.scales.split(",") for s in args.settings.split(",")]
     for key in tqdm([g for g in grid if g not in done], desc="projection cells", unit="cell"):
         cells.append(cell(*key, args.requests, args.iterations, args.seed))
         path.write_text(json.dumps(cells, indent=1))

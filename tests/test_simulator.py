@@ -132,3 +132,21 @@ def test_cli_replays_a_workload_file_in_its_order(tmp_path) -> None:  # noqa: AN
     rows = json.loads(out.read_text())
     assert [(r["prompt_len"], r["output_len"]) for r in rows] == [(900, 20), (50, 3)]
     assert rows[0]["ttft_ms"] > rows[1]["ttft_ms"] > 0 and rows[0]["tpot_ms"] > 0
+
+
+def test_a_rate_sweep_finds_the_rate_where_attainment_breaks() -> None:
+    from bench.datasets import Sample
+    from bench.simulator.project import crossing
+    from bench.simulator.sweep import sweep
+    from bench.slo_metrics import SLO
+
+    samples = [Sample(prompt="", prompt_len=300 + 50 * (i % 5), output_len=30) for i in range(60)]
+    slo = SLO(ttft_s=0.3, tbt_s=0.2)
+    config = SimConfig(profile="a100-80g/opt-13b", tp=1, ttft_slo_s=0.3, tbt_slo_s=0.2)
+    result = sweep(config, samples, [0.5, 2.0, 200.0], cv=1.0, seed=0, slo=slo)
+    attainment = result["attainment_by_rate"]
+    assert attainment[0.5] == 1.0 and attainment[200.0] < 0.5
+    assert result["effective_throughput"] in (0.5, 2.0)
+    assert set(result["probes"]) == {"0.5", "2.0", "200.0"}
+    assert crossing({1.0: 1.0, 2.0: 0.8}) == pytest.approx(1.5)
+    assert crossing({1.0: 0.5}) == 0.0

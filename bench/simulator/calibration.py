@@ -14,7 +14,7 @@ import csv
 import json
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ class FittedCoefficients:
     threshold: int
 
 
-@lru_cache(maxsize=None)
+@cache
 def fitted_coefficients(hf_name: str, tp: int, engine: str = "vllm") -> FittedCoefficients:
     """The fit for `hf_name` at TP `tp`; KeyError listing what exists when there is none."""
     table = json.loads((calibration_dir() / "a100-80g-opt" / f"step-time-{engine}.json").read_text())
@@ -54,7 +54,7 @@ def fitted_coefficients(hf_name: str, tp: int, engine: str = "vllm") -> FittedCo
                               tuple(row["decoding_largebs"]), int(row["decoding_large_small_bs_threshold"]))
 
 
-@lru_cache(maxsize=None)
+@cache
 def kv_capacity_tokens(hf_name: str, tp: int, pp: int = 1) -> int:
     """Tokens of KV cache vLLM fits on A100-80GB for the model at (tp, pp); KeyError if not listed."""
     with open(calibration_dir() / "a100-80g-opt" / "kv-capacity-tokens.csv", newline="") as f:
@@ -86,7 +86,7 @@ class VidurOperation:
         return float(times[-1] + slope * (num_tokens - tokens[-1]))
 
 
-@lru_cache(maxsize=None)
+@cache
 def vidur_operation(family: str, model_file: str, operation: str) -> VidurOperation:
     """`operation` (e.g. `attn_pre_proj`) from `vidur/{family}/{model_file}.csv`."""
     rows: dict[int, list[tuple[int, float]]] = {}
@@ -103,7 +103,7 @@ def vidur_operation(family: str, model_file: str, operation: str) -> VidurOperat
     return VidurOperation(table, hidden)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _all_reduce_rows(family: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     rows: dict[int, list[tuple[int, float]]] = {}
     with open(calibration_dir() / "vidur" / family / "all-reduce-dgx.csv", newline="") as f:

@@ -55,7 +55,8 @@ def build_step_time(name: str, profile: Profile, tp: int, recompute_source: str 
         if profile.model.name != data["model"]:
             raise ValueError(f"the measured model was fitted to {data['model']}, not {profile.model.name}")
         coeffs = replace(coeffs, prefill=prefill_ms) if prefill_ms else coeffs
-        return FittedStepTime(coeffs, recompute, name="measured", source=data["source"], host_per_seq_ms=host_per_seq_ms)
+        return FittedStepTime(coeffs, recompute, name="measured", source=data["source"],
+                              host_per_seq_ms=host_per_seq_ms)
     device = profile.device
     if device is None:
         raise ValueError(f"the {name!r} model needs a GPU profile; use --step-model measured for cpu/...")

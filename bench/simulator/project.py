@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200, help="requests per probe")
     parser.add_argument("--iterations", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replot", action="store_true", help="only redo the table and plots from projection.json")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "projection.json"
@@ -110,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     done = {(c["setting"], c["dataset"], c["cv"], c["slo_scale"]) for c in cells}
     grid = [(s, d, float(cv), float(k)) for d in args.datasets.split(",") for cv in args.cvs.split(",")
             for k in args.scales.split(",") for s in args.settings.split(",")]
-    for key in tqdm([g for g in grid if g not in done], desc="projection cells", unit="cell"):
+    for key in tqdm([] if args.replot else [g for g in grid if g not in done], desc="projection cells", unit="cell"):
         cells.append(cell(*key, args.requests, args.iterations, args.seed))
         path.write_text(json.dumps(cells, indent=1))
         (args.out / "projection.md").write_text(markdown(cells) + "\n")
+    from bench.simulator.plots import plot_projection
+
+    plot_projection(cells, args.out)
     print(markdown(cells))
     return 0
 

@@ -148,7 +148,8 @@ class RooflineStepTime(StepTimeModel):
         flops = 2 * m.num_params / tp * tokens + (2 * m.num_layers * m.hidden_size * s.prefill_sq
                                                   + 4 * m.num_layers * m.hidden_size * s.decode_context) / tp
         memory = self.weight_bytes + (s.decode_context + tokens) * self.kv_bytes
-        busy = max(flops / (self.device.peak_flops * self.eff.mfu), memory / (self.device.hbm_bytes_per_s * self.eff.mbu))
+        device = self.device
+        busy = max(flops / (device.peak_flops * self.eff.mfu), memory / (device.hbm_bytes_per_s * self.eff.mbu))
         comm = 0.0
         if tp > 1:
             family = self.device.vidur_family or "a100"

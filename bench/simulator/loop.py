@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from tqdm import tqdm
 
 from bench.simulator.step_time import StepShape, StepTimeModel
@@ -109,17 +110,42 @@ class SimResult:
     virtual_seconds: float
 
 
+def startup_step_cost(model: StepTimeModel) -> object | None:
+    """What the engine's start-up step profile would measure on the simulated device (KV steps only):
+    `intercept + per_token·tokens + per_context·context` fitted by least squares to the model's prefill
+    and decode steps over a grid of sizes. None if this engine has no step-cost model."""
+    try:
+        from hybrid_cache.info import StepCostModel
+    except ImportError:
+        return None
+    rows, seconds = [], []
+    for n in (1, 4, 16, 64, 128):
+        for ctx in (128, 512, 1024, 2048):
+            rows.append([1.0, n, n * ctx])
+            seconds.append(model.compute_seconds(StepShape(num_decode=n, decode_context=n * ctx)))
+    for k in (1, 2):
+        for p in (64, 256, 512, 1024, 2048):
+            rows.append([1.0, k * p, k * p * (p + 1) // 2])
+            seconds.append(model.compute_seconds(StepShape(k, k * p, k * p * p)))
+    beta = np.linalg.lstsq(np.array(rows), np.array(seconds), rcond=None)[0]
+    return StepCostModel(*(max(float(b), 0.0) for b in beta))
+
+
 def build_engine(config: SchedulerConfig, layout: CacheLayout, num_blocks: int, max_model_len: int,
                  vocab_size: int, model: StepTimeModel) -> tuple[Engine, SimExecutor, VirtualClock]:
-    """The production engine over a simulated executor; α is what the model's recompute implies."""
+    """The production engine over a simulated executor; α is what the model's recompute implies, and
+    the step-cost model (where the engine has one) what a start-up profile would measure."""
     recompute = model.recompute
     if recompute is not None:
         per_token = recompute.alpha(layout.block_size) / layout.block_size
         cost = CostModel(recompute.fixed_seconds(), per_token, layout.block_size)
     else:
         cost = CostModel(0.0, 0.0, layout.block_size)
+    extra = {}
+    if "step_cost" in WorkerInfo.__dataclass_fields__:
+        extra["step_cost"] = startup_step_cost(model)
     info = WorkerInfo(vocab_size=vocab_size, max_model_len=max_model_len, eos_token_ids=(), layout=layout,
-                      num_blocks=num_blocks, cache_bytes=num_blocks * layout.block_bytes, cost=cost)
+                      num_blocks=num_blocks, cache_bytes=num_blocks * layout.block_bytes, cost=cost, **extra)
     clock = VirtualClock()
     executor = SimExecutor(info, model, clock)
     return Engine(config, executor, clock=clock), executor, clock

@@ -68,9 +68,9 @@ class EngineClient:
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         try:
+            when = {} if received_at is None else {"received_at": received_at}  # else the engine's own clock
             await self.handle.add_request.remote(
-                self.caller, request_id, list(prompt_token_ids), params, cache_type, ttft_slo_s, tbt_slo_s,
-                received_at=received_at,
+                self.caller, request_id, list(prompt_token_ids), params, cache_type, ttft_slo_s, tbt_slo_s, **when
             )
         except asyncio.CancelledError:  # the caller left mid-submit: the actor may have queued it already
             self._streams.pop(request_id, None)

@@ -22,16 +22,40 @@ using Vec = at::vec::Vectorized<float>;
 
 constexpr int64_t kQueryTile = 16;  // queries of one sequence handled by one work item
 constexpr int64_t kKeyTile = 32;    // keys converted to fp32 and scored together
+static_assert(kKeyTile % 16 == 0, "a key tile is whole vectors of any width at::vec uses");
 
 inline float dot(const float* a, const float* b, int64_t d) {
   int64_t i = 0;
   Vec acc(0.f);
-  for (; i + Vec::size() <= d; i += Vec::size()) {
-    acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
-  }
+  for (; i + Vec::size() <= d; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
   float sum = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
   for (; i < d; ++i) sum += a[i] * b[i];
   return sum;
+}
+
+// Scores of one query row against `n` keys stored row by row, four keys at a time (independent
+// multiply-add chains), one horizontal sum per key.
+inline void key_scores(const float* q, const float* k, int64_t n, int64_t d, float* scores) {
+  int64_t j = 0;
+  if (d % Vec::size() == 0) {
+    for (; j + 4 <= n; j += 4) {
+      Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+      const float* k0 = k + j * d;
+      for (int64_t x = 0; x < d; x += Vec::size()) {
+        Vec qv = Vec::loadu(q + x);
+        a0 = at::vec::fmadd(qv, Vec::loadu(k0 + x), a0);
+        a1 = at::vec::fmadd(qv, Vec::loadu(k0 + d + x), a1);
+        a2 = at::vec::fmadd(qv, Vec::loadu(k0 + 2 * d + x), a2);
+        a3 = at::vec::fmadd(qv, Vec::loadu(k0 + 3 * d + x), a3);
+      }
+      auto add = [](Vec x, Vec y) { return x + y; };
+      scores[j] = at::vec::vec_reduce_all<float>(add, a0);
+      scores[j + 1] = at::vec::vec_reduce_all<float>(add, a1);
+      scores[j + 2] = at::vec::vec_reduce_all<float>(add, a2);
+      scores[j + 3] = at::vec::vec_reduce_all<float>(add, a3);
+    }
+  }
+  for (; j < n; ++j) scores[j] = dot(q, k + j * d, d);
 }
 
 // acc = acc * alpha + sum_j p[j] * v[j]
@@ -52,6 +76,14 @@ inline void scale_accumulate(float* acc, float alpha, const float* p, const floa
 template <typename T>
 inline void load_f32(const T* src, float* dst, int64_t d) {
   for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// bfloat16 is the high half of a float: a shift the compiler vectorizes.
+template <>
+inline void load_f32<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t d) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* o = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < d; ++i) o[i] = static_cast<uint32_t>(s[i]) << 16;
 }
 
 template <typename scalar_t, typename out_t>
@@ -92,6 +124,7 @@ void paged_attention_impl(
     const int64_t rows_max = kQueryTile * group;
     std::vector<float> qf(rows_max * head_dim), acc(rows_max * head_dim), m(rows_max), l(rows_max);
     std::vector<float> kf(kKeyTile * head_dim), vf(kKeyTile * head_dim), scores(kKeyTile);
+    std::fill(kf.begin(), kf.end(), 0.f);  // keys past a tile's end score garbage-free zeros (masked anyway)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t tile = item / num_kv_heads, kvh = item % num_kv_heads;
       const int64_t s = tile_seq[tile], first = tile_first[tile];
@@ -117,6 +150,10 @@ void paged_attention_impl(
           const int64_t pos = j0 + j;
           const int64_t block = table[pos / block_size], offset = pos % block_size;
           load_f32(kp + block * kb + offset * kt + kvh * kh, kf.data() + j * head_dim, head_dim);
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+          const int64_t pos = j0 + j;
+          const int64_t block = table[pos / block_size], offset = pos % block_size;
           load_f32(vp + block * vb + offset * vt + kvh * vh, vf.data() + j * head_dim, head_dim);
         }
         for (int64_t i = 0; i < nq; ++i) {
@@ -124,19 +161,22 @@ void paged_attention_impl(
           if (visible <= 0) continue;
           for (int64_t g = 0; g < group; ++g) {
             const int64_t r = i * group + g;
-            const float* qrow = qf.data() + r * head_dim;
-            float top = neg_inf;
-            for (int64_t j = 0; j < visible; ++j) {
-              scores[j] = dot(qrow, kf.data() + j * head_dim, head_dim);
-              top = std::max(top, scores[j]);
-            }
+            key_scores(qf.data() + r * head_dim, kf.data(), visible, head_dim, scores.data());
+            for (int64_t j = visible; j < kKeyTile; ++j) scores[j] = neg_inf;
+            Vec top_vec = Vec::loadu(scores.data());
+            for (int64_t c = Vec::size(); c < kKeyTile; c += Vec::size())
+              top_vec = at::vec::maximum(top_vec, Vec::loadu(scores.data() + c));
+            const float top = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); },
+                                                              top_vec);
             const float m_new = std::max(m[r], top);
             const float alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first tile
-            float sum = 0.f;
-            for (int64_t j = 0; j < visible; ++j) {
-              scores[j] = std::exp(scores[j] - m_new);
-              sum += scores[j];
+            Vec sum_vec(0.f);
+            for (int64_t c = 0; c < kKeyTile; c += Vec::size()) {
+              Vec p = (Vec::loadu(scores.data() + c) - Vec(m_new)).exp_u20();
+              p.store(scores.data() + c);
+              sum_vec = sum_vec + p;
             }
+            const float sum = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, sum_vec);
             l[r] = l[r] * alpha + sum;
             m[r] = m_new;
             scale_accumulate(acc.data() + r * head_dim, alpha, scores.data(), vf.data(), visible, head_dim);

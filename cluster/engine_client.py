@@ -15,9 +15,7 @@ import asyncio
 import contextvars
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
-
-import ray
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from cluster.errors import ReplicaFailed, RequestAborted
 from hybrid_cache.plan import CacheType, SamplingParams
@@ -45,8 +43,12 @@ def _stream_error(message: str) -> Exception:
 
 
 class EngineClient:
-    def __init__(self, handle, poll_timeout_s: float = 1.0, call_timeout_s: float = 5.0) -> None:  # noqa: ANN001
-        self.handle = handle  # a Ray actor handle
+    def __init__(  # noqa: ANN001 - `handle` is a Ray actor handle
+        self, handle, poll_timeout_s: float = 1.0, call_timeout_s: float = 5.0,
+        restart: Callable[[], None] | None = None,
+    ) -> None:
+        self.handle = handle
+        self._restart = restart  # restarts the actor (`cluster/ray_cluster.py`); None: it cannot be restarted
         self.caller = uuid.uuid4().hex
         self.poll_timeout_s = poll_timeout_s
         self.call_timeout_s = call_timeout_s  # stats and health calls: a restarting actor would hold them
@@ -134,5 +136,8 @@ class EngineClient:
         return await asyncio.wait_for(self.handle.health.remote(), self.call_timeout_s)
 
     def restart(self) -> None:
-        """Kill the actor so that Ray restarts it (its constructor builds a new engine); streams here end."""
-        ray.kill(self.handle, no_restart=False)
+        """Have the actor restarted (its constructor builds a new engine); its streams here end."""
+        if self._restart is None:
+            log.warning("this engine replica cannot be restarted from here")
+            return
+        self._restart()

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 import grpc
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from cluster.ray_runtime import ACTOR_FAILURES, unwrap_remote
 from hybrid_cache.layout import HiddenCacheUnavailable
 from scheduler_service.async_engine import EngineDeadError
 from scheduler_service.engine import QueueFull
@@ -89,9 +89,7 @@ class Kind(Enum):
 
 
 # The engine under the request is gone or stopped: the router marks its replica down.
-ENGINE_FAILURES: tuple[type[BaseException], ...] = (
-    EngineDeadError, ReplicaFailed, RayActorError, ActorUnavailableError, NoHealthyReplica,
-)
+ENGINE_FAILURES: tuple[type[BaseException], ...] = (EngineDeadError, ReplicaFailed, NoHealthyReplica, *ACTOR_FAILURES)
 
 # Checked in order: the first class an exception is an instance of gives its kind.
 _KINDS: tuple[tuple[type[BaseException], Kind], ...] = (
@@ -116,10 +114,8 @@ class Failure:
 
 
 def unwrap(err: BaseException) -> BaseException:
-    """The exception an actor raised, out of Ray's `RayTaskError` wrappers."""
-    while isinstance(err, RayTaskError) and err.cause is not None and err.cause is not err:
-        err = err.cause
-    return err
+    """The exception an actor raised, out of Ray's wrappers (`cluster/ray_runtime.py`)."""
+    return unwrap_remote(err)
 
 
 def one_line(text: str) -> str:

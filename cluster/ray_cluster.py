@@ -65,3 +65,9 @@ def stop_engine_replicas(handles: list) -> None:
             ray.get(handle.shutdown.remote(), timeout=60)
         finally:
             ray.kill(handle)
+
+
+def restart_engine_replica(handle) -> None:  # noqa: ANN001 - a Ray actor handle
+    """Kill the replica so that Ray restarts it (`parallel.max_replica_restarts`): its constructor runs
+    again and builds a new engine; handles stay valid."""
+    ray.kill(handle, no_restart=False)

@@ -8,10 +8,21 @@ from __future__ import annotations
 
 import ray
 from ray._private import ray_constants
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from cluster.loopback import HOST_ENV
 
 LOOPBACK = "127.0.0.1"
+
+# What a call to an actor raises when the actor is dead or restarting.
+ACTOR_FAILURES: tuple[type[BaseException], ...] = (RayActorError, ActorUnavailableError)
+
+
+def unwrap_remote(err: BaseException) -> BaseException:
+    """The exception an actor raised, out of Ray's `RayTaskError` wrappers (whose text is the remote traceback)."""
+    while isinstance(err, RayTaskError) and err.cause is not None and err.cause is not err:
+        err = err.cause
+    return err
 
 
 def ensure_ray(num_cpus: float | None = None, address: str | None = None, grpc_host: str = LOOPBACK) -> None:

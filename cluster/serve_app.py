@@ -9,6 +9,7 @@ finds the same engines. It also renders `/metrics` from every replica's statisti
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +23,12 @@ from cluster.engine_client import EngineClient
 from cluster.grpc_gen import aptserve_pb2 as pb
 from cluster.grpc_servicer import GrpcServicer
 from cluster.http_server import Frontend, build_app, install_frontend
-from cluster.ray_cluster import find_engine_replicas, start_engine_replicas, stop_engine_replicas
+from cluster.ray_cluster import (
+    find_engine_replicas,
+    restart_engine_replica,
+    start_engine_replicas,
+    stop_engine_replicas,
+)
 from cluster.ray_runtime import ensure_ray
 from cluster.router import ReplicaRouter
 from cluster.tokenizer import Tokenizer
@@ -40,7 +46,8 @@ class AptServeIngress:
         server = self.config.server
         handles = start_engine_replicas(self.config)
         info = ray.get(handles[0].model_info.remote())
-        clients = [EngineClient(h, call_timeout_s=server.replica_call_timeout_s) for h in handles]
+        clients = [EngineClient(h, call_timeout_s=server.replica_call_timeout_s,
+                                restart=functools.partial(restart_engine_replica, h)) for h in handles]
         router = ReplicaRouter(clients, info["max_model_len"], info["vocab_size"], server.replica_probe_interval_s)
         self.tokenizer = Tokenizer(self.config.model.path)
         self.model_name = self.config.model_name

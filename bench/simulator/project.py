@@ -34,7 +34,8 @@ SYSTEMS = (("fcfs", "kv"), ("apt", "kv"), ("fcfs", "hybrid"), ("apt", "hybrid"))
 LONG_CONTEXT = 8448  # the long-prompt workload needs it; beyond OPT's 2,048 the fits are extrapolated
 
 
-def cell(setting: str, dataset: str, cv: float, scale: float, requests: int, iterations: int, seed: int) -> dict:
+def cell(setting: str, dataset: str, cv: float, scale: float, requests: int, iterations: int, seed: int,
+         duration_s: float | None = None) -> dict:
     profile, tp, step_model = SETTINGS[setting]
     spec = DATASETS[dataset]
     samples = dataset_lengths(spec, requests, seed, 1024, 2048)
@@ -44,9 +45,11 @@ def cell(setting: str, dataset: str, cv: float, scale: float, requests: int, ite
     alone = unloaded(base, samples)
     slo = SLO(scale * alone.ttft_s, scale * alone.tpot_s)
     out = {"setting": setting, "dataset": dataset, "cv": cv, "slo_scale": scale, "unloaded": asdict(alone),
+           "requests": requests, "duration_s": duration_s,
            "slo": asdict(slo), "systems": {}}
     coarse = sweep(base.model_copy(update={"ttft_slo_s": slo.ttft_s, "tbt_slo_s": slo.tbt_s}), samples,
-                   (1e-6, 12.0), cv, seed, slo, 4, rate_map=lambda u: 0.02 * 2**u)  # fcfs/kv, 0.02..82 req/s
+                   (1e-6, 12.0), cv, seed, slo, 4, rate_map=lambda u: 0.02 * 2**u,  # fcfs/kv, 0.02..82 req/s
+                   duration_s=duration_s)
     centre = coarse["effective_throughput"] or 0.02
     out["coarse_fcfs_kv"] = coarse["attainment_by_rate"]
     for policy, cache in SYSTEMS:
@@ -54,10 +57,10 @@ def cell(setting: str, dataset: str, cv: float, scale: float, requests: int, ite
                                          "tbt_slo_s": slo.tbt_s})
         # Fine bisection within [centre/2.83, centre·2.83] in log space; wide again if it fails at the bottom.
         result = sweep(config, samples, (1e-6, 3.0), cv, seed, slo, iterations,
-                       rate_map=lambda u, low=centre / 2**1.5: low * 2**u)
+                       rate_map=lambda u, low=centre / 2**1.5: low * 2**u, duration_s=duration_s)
         if not result["effective_throughput"]:
             result = sweep(config, samples, (1e-6, 12.0), cv, seed, slo, iterations + 2,
-                           rate_map=lambda u: 0.02 * 2**u)
+                           rate_map=lambda u: 0.02 * 2**u, duration_s=duration_s)
         result["crossing"] = crossing(result["attainment_by_rate"])
         out["systems"][f"{policy}/{cache}"] = result
     return out
@@ -100,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--cvs", default="1,4")
     parser.add_argument("--scales", default="10")
-    parser.add_argument("--requests", type=int, default=200, help="requests per probe")
+    parser.add_argument("--requests", type=int, default=200, help="requests per probe (the most, with --duration)")
+    parser.add_argument("--duration", type=float, help="seconds of trace per probe: rate x duration requests")
+    parser.add_argument("--cells", help="SETTING/DATASET/CV/SCALE;... instead of the full grid, in this order")
     parser.add_argument("--iterations", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replot", action="store_true", help="only redo the table and plots from projection.json")
@@ -111,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     done = {(c["setting"], c["dataset"], c["cv"], c["slo_scale"]) for c in cells}
     grid = [(s, d, float(cv), float(k)) for d in args.datasets.split(",") for cv in args.cvs.split(",")
             for k in args.scales.split(",") for s in args.settings.split(",")]
+    if args.cells:
+        grid = [(s, d, float(cv), float(k)) for s, d, cv, k in (c.split("/") for c in args.cells.split(";"))]
     for key in tqdm([] if args.replot else [g for g in grid if g not in done], desc="projection cells", unit="cell"):
-        cells.append(cell(*key, args.requests, args.iterations, args.seed))
+        cells.append(cell(*key, args.requests, args.iterations, args.seed, args.duration))
         path.write_text(json.dumps(cells, indent=1))
         (args.out / "projection.md").write_text(markdown(cells) + "\n")
     from bench.simulator.plots import plot_projection

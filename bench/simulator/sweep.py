@@ -57,16 +57,20 @@ def unloaded(config: SimConfig, samples: Sequence[Sample], count: int = 50) -> U
 
 def sweep(config: SimConfig, samples: Sequence[Sample], rates: tuple[float, float] | list[float], cv: float,
           seed: int, slo: SLO, iterations: int = 6, on_probe: Callable[[float, float], None] | None = None,
-          rate_map: Callable[[float], float] | None = None) -> dict:
+          rate_map: Callable[[float], float] | None = None, duration_s: float | None = None,
+          min_requests: int = 300) -> dict:
     """Attainment by rate (bisection between two bounds, or the listed rates), the effective throughput,
     and each probe's summary. `config`'s SLOs should be `slo` (the apt policy schedules by them).
-    With `rate_map`, the bisection runs over x and probes the rate `rate_map(x)` (e.g. log spacing)."""
+    With `rate_map`, the bisection runs over x and probes the rate `rate_map(x)` (e.g. log spacing).
+    With `duration_s`, a probe uses the first `rate·duration_s` samples (at least `min_requests`, at most
+    all): a trace long enough for the load to reach its steady state at every rate."""
     probes: dict[float, dict] = {}
     attainment: dict[float, float] = {}
 
     def probe(x: float) -> float:
         rate = rate_map(x) if rate_map else x
-        load = workload(samples, rate, cv, seed)
+        count = len(samples) if duration_s is None else int(min(len(samples), max(min_requests, rate * duration_s)))
+        load = workload(samples[:count], rate, cv, seed)
         result = simulate(config, load)
         summary = summarize(result.records, slo, max(w.arrival for w in load))
         summary |= {"preemptions": result.num_preemptions, "conversions": result.num_conversions,

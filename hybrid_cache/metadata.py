@@ -265,23 +265,26 @@ def _hidden_passes(
     pieces: list[tuple[int, int, int]] = []  # (request, first history position, end)
     used = 0
 
+    tables = _tables([seq.block_table for seq in seqs]).long()
+    all_starts = torch.tensor(starts, dtype=torch.int32)
+    all_new = torch.tensor([seq.num_new for seq in seqs], dtype=torch.int32)
+
     def close() -> None:
         nonlocal pieces, used
-        rows, positions = [], []
-        for i, a, b in pieces:
-            pos = torch.arange(a, b)
-            table = torch.tensor(seqs[i].block_table, dtype=torch.long)
-            rows.append(table[pos // tpb] * tpb + pos % tpb)
-            positions.append(pos)
-        lengths = [b - a for _, a, b in pieces]
-        bases = [0]
-        for n in lengths[:-1]:
-            bases.append(bases[-1] + n)
-        q_start = _int32([starts[i] for i, _, _ in pieces])
-        q_len = _int32([seqs[i].num_new for i, _, _ in pieces])
-        batch = PagedBatch(_consecutive(bases, lengths), q_start, q_len, _int32(lengths))
-        tokens = torch.cat([torch.arange(starts[i], starts[i] + seqs[i].num_new) for i, _, _ in pieces])
-        passes.append(HiddenPass(torch.cat(rows), torch.cat(positions), batch, tokens))
+        index = torch.tensor([i for i, _, _ in pieces])
+        first = torch.tensor([a for _, a, _ in pieces])
+        lengths = torch.tensor([b - a for _, a, b in pieces])
+        owner = torch.repeat_interleave(torch.arange(len(pieces)), lengths)
+        bases = lengths.cumsum(0) - lengths
+        positions = torch.arange(int(lengths.sum())) - bases[owner] + first[owner]
+        seq = index[owner]
+        rows = tables[seq, positions // tpb] * tpb + positions % tpb
+        q_start, q_len = all_starts[index], all_new[index]
+        batch = PagedBatch(_consecutive(bases.tolist(), lengths.tolist()), q_start, q_len, lengths.int())
+        tokens = torch.repeat_interleave(q_start.long(), q_len.long()) + (
+            torch.arange(int(q_len.sum())) - torch.repeat_interleave((q_len.cumsum(0) - q_len).long(), q_len.long())
+        )
+        passes.append(HiddenPass(rows, positions, batch, tokens))
         pieces, used = [], 0
 
     for i, seq in enumerate(seqs):

@@ -22,7 +22,31 @@ class SchedulerConfig(BaseModel):
     )
     max_num_seqs: int = Field(256, gt=0, description="most requests in one step")
     max_num_batched_tokens: int | None = Field(
-        None, gt=0, description="most tokens in one step; None means the model's context length"
+        None,
+        gt=0,
+        description="most tokens in one step; None means the model's context length. A longer prompt is "
+        "prefilled in chunks over several steps",
+    )
+    mixed: bool = Field(
+        True,
+        description="apt: a step carries decodes and prompt chunks together; false keeps the paper's structure "
+        "(each step prefills or decodes, whichever chosen group has waited longer) for the ablation",
+    )
+    step_time_headroom: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="apt (mixed): prompt tokens join a step only while its predicted time stays within this "
+        "share of the tightest time-between-tokens budget of the on-time running requests",
+    )
+    min_chunk_tokens: int = Field(
+        16,
+        gt=0,
+        description="apt (mixed): a prompt chunk that the time budget would cut shorter than this (and shorter "
+        "than the rest of its prompt) waits for a later step instead: a tiny chunk costs a step's fixed work",
+    )
+    step_error_window: int = Field(
+        1024, gt=0, description="the last this many steps give the median error of the predicted step time"
     )
     max_waiting: int | None = Field(
         4096, gt=0, description="most requests waiting; more are rejected (HTTP 503). None: unbounded"

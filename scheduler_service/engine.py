@@ -21,6 +21,7 @@ from scheduler_service.output import append_token
 from scheduler_service.policies import allowed_cache_types, make_policy
 from scheduler_service.request import FinishReason, Request, RequestOutput, RequestStatus
 from scheduler_service.scheduler import ScheduledStep, Scheduler
+from scheduler_service.step_time import StepTimePredictor, StepTimeReport, StepTimeTracker
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class EngineStats:
     # False once the engine loop has stopped (shut down, or failed beyond recovery): the numbers above
     # are then the last ones, not a live engine's. The serving layer renders it as an `up` gauge.
     healthy: bool = True
+    # The start-up step-time model (None without one) and its predictions against the measured time
+    # of each step's executor call.
+    step_time: StepTimeReport = StepTimeReport(None)
 
 
 class QueueFull(RuntimeError):
@@ -100,17 +104,17 @@ class Engine:
             raise HiddenCacheUnavailable(f"cache_mode 'hidden' refused: {layout.hidden_unavailable_reason}")
         if config.cache_mode == "hybrid" and not layout.hidden_allowed:
             log.warning("cache_mode 'hybrid' runs as 'kv': %s", layout.hidden_unavailable_reason)
+        # A prompt longer than this is prefilled in chunks over several steps.
         max_batched = config.max_num_batched_tokens or info.max_model_len
-        if max_batched < info.max_model_len:
-            raise ValueError(
-                f"max_num_batched_tokens ({max_batched}) must be at least the context length "
-                f"({info.max_model_len}): prompts are prefilled in one step"
-            )
         self.config = config
         self.cache = CacheManager(layout, info.num_blocks)
         alpha = config.recompute_seconds_per_block
         self.alpha = info.cost.alpha if alpha is None else alpha
-        self.scheduler = Scheduler(config, self.cache, make_policy(config.policy), max_batched, self.alpha)
+        step_time = StepTimePredictor(info.step_cost, info.cost) if info.step_cost is not None else None
+        self.scheduler = Scheduler(
+            config, self.cache, make_policy(config.policy), max_batched, self.alpha, step_time
+        )
+        self.step_time = StepTimeTracker(info.step_cost, config.step_error_window)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._aborted: list[Request] = []
@@ -293,7 +297,9 @@ class Engine:
             return outputs
         try:
             with self.timer.measure("execute"):
+                executed = time.perf_counter()
                 tokens = self.executor.execute(step.plan)
+                executed = time.perf_counter() - executed
             if len(tokens) != len(step.requests):
                 raise RuntimeError(f"the executor returned {len(tokens)} tokens for {len(step.requests)} sequences")
         except ExecutorFailed as err:
@@ -308,8 +314,12 @@ class Engine:
             return outputs + self._fail_step(step.requests, _INTERNAL_ERROR)
         self.scheduler.end_step(step)
         self.num_steps += 1
+        if step.predicted_seconds is not None:
+            self.step_time.record(step.predicted_seconds, executed)
         now = self.clock()
         for request, token in zip(step.requests, tokens):
+            if request.num_new_tokens > 0:
+                continue  # a chunk short of the end of its prompt: the sampled token is discarded
             try:
                 outputs.append(self._apply_token(request, token, now))
             except Exception:  # noqa: BLE001 - e.g. the detokenizer on this request's tokens: it alone fails
@@ -424,6 +434,7 @@ class Engine:
             metrics=metrics,
             num_policy_fallbacks=self.scheduler.num_policy_fallbacks,
             healthy=healthy,
+            step_time=self.step_time.report(),
         )
 
     def _timings(self, healthy: bool) -> dict[str, float]:

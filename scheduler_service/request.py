@@ -64,6 +64,17 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_new_tokens(self) -> int:
+        """Tokens still to compute before it can sample its next token: 1 for a decode; while it is
+        prefilling (a prompt, or prompt plus outputs after a preemption), the rest not yet cached."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Holds a partly prefilled prompt: the next step computes a chunk of it, not one token."""
+        return self.num_new_tokens > 1
+
+    @property
     def is_finished(self) -> bool:
         """Ended, normally or by abort: it holds no blocks and gets no more tokens."""
         return self.status in (RequestStatus.FINISHED, RequestStatus.ABORTED)

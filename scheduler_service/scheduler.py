@@ -7,12 +7,17 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from hybrid_cache.manager import CacheManager
-from hybrid_cache.plan import BatchPlan, CacheType, Conversion, SequencePlan
+from hybrid_cache.plan import BatchPlan, CacheType, Conversion, SamplingParams, SequencePlan
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.policies import FCFSPolicy, Policy, ScheduleDecision, SchedulerView
 from scheduler_service.request import Request, RequestStatus
+from scheduler_service.step_time import StepLoad, StepTimePredictor
 
 log = logging.getLogger(__name__)
+
+# What a chunk that does not end its prompt asks the sampler for: the engine discards that token, and
+# greedy draws no random numbers, so a seeded request's generator is not advanced by it.
+_DISCARDED = SamplingParams(temperature=0.0)
 
 
 @dataclass
@@ -21,6 +26,7 @@ class ScheduledStep:
 
     `failed` are requests the step could not plan (an error traced to them, or a request that cannot
     be scheduled at all): the engine ends them with an error; the rest of the step is unaffected.
+    `predicted_seconds` is the step-time model's prediction for this plan (None without a model).
     """
 
     plan: BatchPlan
@@ -28,6 +34,7 @@ class ScheduledStep:
     num_preempted: int
     num_converted: int
     failed: list[tuple[Request, str]] = field(default_factory=list)
+    predicted_seconds: float | None = None
 
 
 class Scheduler:
@@ -40,9 +47,11 @@ class Scheduler:
         policy: Policy,
         max_num_batched_tokens: int,
         alpha: float,
+        step_time: StepTimePredictor | None = None,
     ) -> None:
         self.config = config
         self.alpha = alpha
+        self.step_time = step_time
         self.cache = cache
         self.policy = policy
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -97,6 +106,7 @@ class Scheduler:
             max_num_batched_tokens=self.max_num_batched_tokens,
             alpha=self.alpha,
             now=now,
+            step_time=self.step_time,
         )
         decision = self._decide(view)
         # Preempt newest first so that, pushed to the front one by one, the oldest ends up first.
@@ -110,7 +120,7 @@ class Scheduler:
         # A request whose plan cannot be built fails alone; its blocks are freed when the engine ends it.
         for request, cache_type in decision.decode:
             try:
-                seq, did_convert = self._plan_decode(request, cache_type)
+                seq, did_convert = self._plan_running(request, cache_type, decision.tokens_for(request))
             except Exception as err:  # noqa: BLE001 - traced to this request: it alone fails
                 log.exception("could not plan a decode of %s", request.request_id)
                 failed.append((request, f"the request could not be scheduled ({type(err).__name__})"))
@@ -120,7 +130,7 @@ class Scheduler:
             requests.append(request)
         for request, cache_type in decision.prefill:
             try:
-                seq = self._plan_prefill(request, cache_type)
+                seq = self._plan_prefill(request, cache_type, decision.tokens_for(request))
             except Exception as err:  # noqa: BLE001 - traced to this request: it alone fails
                 log.exception("could not plan a prefill of %s", request.request_id)
                 failed.append((request, f"the request could not be scheduled ({type(err).__name__})"))
@@ -133,7 +143,8 @@ class Scheduler:
 
         plan = BatchPlan(seqs, finished_seq_ids=self._finished_seq_ids)
         self._finished_seq_ids = []
-        return ScheduledStep(plan, requests, len(decision.preempt), converted, failed)
+        predicted = self.step_time.seconds(StepLoad.of_plan(plan)) if self.step_time and seqs else None
+        return ScheduledStep(plan, requests, len(decision.preempt), converted, failed, predicted)
 
     def _decide(self, view: SchedulerView) -> ScheduleDecision:
         """The policy's decision; FCFS's (counted in `num_policy_fallbacks`) if the policy raised or
@@ -152,38 +163,54 @@ class Scheduler:
         self.num_policy_fallbacks += 1
         return self._fallback.schedule(view)
 
-    def _plan_decode(self, request: Request, cache_type: CacheType) -> tuple[SequencePlan, bool]:
+    def _plan_running(self, request: Request, cache_type: CacheType, num_new: int) -> tuple[SequencePlan, bool]:
+        """The next `num_new` tokens of a running request (a decode, or a chunk of its prompt)."""
+        chunk = self._chunk(request, num_new)
         conversion = None
         if cache_type is not request.cache_type:
             if cache_type is not CacheType.KV:
                 raise RuntimeError(f"policy asked to turn {request.request_id} from KV to hidden in place")
             conversion = self.cache.convert_to_kv(request.seq_id, request.num_computed_tokens)
             request.cache_type = CacheType.KV
-        self.cache.grow(request.seq_id, request.num_tokens)
-        return self._plan(request, [request.all_token_ids[-1]], conversion), conversion is not None
+        self.cache.grow(request.seq_id, request.num_computed_tokens + len(chunk))
+        return self._plan(request, chunk, conversion), conversion is not None
 
-    def _plan_prefill(self, request: Request, cache_type: CacheType) -> SequencePlan:
-        self.cache.allocate(request.seq_id, request.num_tokens, cache_type)
+    def _plan_prefill(self, request: Request, cache_type: CacheType, num_new: int) -> SequencePlan:
+        """Admit a waiting request: blocks for its first `num_new` tokens (more come chunk by chunk)."""
+        chunk = self._chunk(request, num_new)
+        self.cache.allocate(request.seq_id, len(chunk), cache_type)
         self.waiting.remove(request)
         request.status = RequestStatus.RUNNING
         request.cache_type = cache_type
         self.running.append(request)
-        return self._plan(request, request.all_token_ids, None)
+        return self._plan(request, chunk, None)
+
+    @staticmethod
+    def _chunk(request: Request, num_new: int) -> list[int]:
+        """The token ids of the next `num_new` uncomputed tokens (1..all of them)."""
+        if not 1 <= num_new <= request.num_new_tokens:
+            raise ValueError(f"a step of {num_new} tokens for {request.request_id}, which has "
+                             f"{request.num_new_tokens} to compute")
+        start = request.num_computed_tokens
+        return request.all_token_ids[start : start + num_new]
 
     def _plan(self, request: Request, token_ids: list[int], conversion: Conversion | None) -> SequencePlan:
         table = self.cache.table(request.seq_id)
+        start = request.num_computed_tokens
         return SequencePlan(
             seq_id=request.seq_id,
             token_ids=token_ids,
-            start_pos=request.num_computed_tokens,
+            start_pos=start,
             cache_type=table.cache_type,
             block_table=list(table.blocks),
-            sampling=request.params,
+            sampling=request.params if start + len(token_ids) == request.num_tokens else _DISCARDED,
             conversion=conversion,
         )
 
     def end_step(self, step: ScheduledStep) -> None:
-        """Record that the planned tokens are now in the cache."""
+        """Record that the planned tokens are now in the cache. A request left with tokens to compute
+        (`num_new_tokens > 0`: its chunk did not reach its last token) gets no token from this step:
+        the engine discards what the workers sampled for it."""
         for request, seq in zip(step.requests, step.plan.seqs):
             request.num_computed_tokens = seq.context_len
         self.cache.end_step()

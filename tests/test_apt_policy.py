@@ -68,9 +68,11 @@ def test_decode_when_the_running_requests_waited_longer() -> None:
     cache = CacheManager(LAYOUT, num_blocks=32)
     running = [run(cache, request(5, pending=0.8)) for _ in range(3)]
     waiting = [request(4, pending=1.0, generated=False)]
-    assert decide(cache, waiting, running, cache_mode="kv").decode  # 2.4 s of pending against 1.0 s
+    decision = decide(cache, waiting, running, cache_mode="kv", mixed=False)
+    assert decision.decode and not decision.prefill  # 2.4 s of pending against 1.0 s
     waiting.append(request(4, pending=2.0, generated=False))
-    assert decide(cache, waiting, running, cache_mode="kv").prefill  # 3.0 s against 2.4 s
+    decision = decide(cache, waiting, running, cache_mode="kv", mixed=False)
+    assert decision.prefill and not decision.decode  # 3.0 s against 2.4 s
 
 
 def test_admissions_leave_room_for_running_requests_to_grow() -> None:

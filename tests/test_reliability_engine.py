@@ -111,10 +111,10 @@ def test_a_scheduling_error_fails_the_request_it_came_from() -> None:
     request = engine.requests[bad]
     real = engine.scheduler._plan_prefill
 
-    def plan_prefill(r, cache_type):  # noqa: ANN001, ANN202 - the scheduler's own signature
+    def plan_prefill(r, cache_type, num_new):  # noqa: ANN001, ANN202 - the scheduler's own signature
         if r is request:
             raise KeyError("a bug traced to this request")
-        return real(r, cache_type)
+        return real(r, cache_type, num_new)
 
     engine.scheduler._plan_prefill = plan_prefill
     ends = run_to_end(engine)

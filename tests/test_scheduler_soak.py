@@ -4,12 +4,13 @@ budget, and everything finishes once arrivals stop."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 
 from hybrid_cache import CacheLayout, SamplingParams
-from hybrid_cache.info import CostModel, WorkerInfo
+from hybrid_cache.info import CostModel, StepCostModel, WorkerInfo
 from hybrid_cache.plan import BatchPlan
 from scheduler_service import Engine, QueueFull, SchedulerConfig
 
@@ -169,3 +170,106 @@ def test_soak_tiny_budgets_and_overrides(policy: str, cache_mode: str, alpha: fl
     assert stats.num_rejected == refused
     assert stats.metrics.slo_judged == len(added) + refused["queue_full"]
     assert added, "the soak must run requests"
+
+
+DISCARDED = 1  # what the chunked soak's executor answers for a chunk short of its prompt's end
+
+
+class ChunkCheckingExecutor(FakeExecutor):
+    """Also checks every plan against the step limits and the requests' progress, and answers
+    DISCARDED for a chunk that does not reach its request's last token (it must never be emitted)."""
+
+    def __init__(self, num_blocks: int, seed: int, max_tokens: int, max_seqs: int, step_cost: StepCostModel) -> None:
+        super().__init__(num_blocks, seed)
+        self.max_tokens, self.max_seqs, self.step_cost = max_tokens, max_seqs, step_cost
+        self.engine: Engine | None = None
+        self.chunks = 0  # sequences that computed part of a prompt and sampled nothing
+        self.batches = 0  # plans with sequences
+        self.mixed_batches = 0  # plans with a decode and a prompt chunk
+
+    def info(self) -> WorkerInfo:
+        return dataclasses.replace(super().info(), step_cost=self.step_cost)
+
+    def execute(self, plan: BatchPlan) -> list[int]:
+        tokens = super().execute(plan)
+        if not plan.seqs:
+            return tokens  # it only tells the workers which requests ended
+        self.batches += 1
+        assert sum(s.num_new for s in plan.seqs) <= self.max_tokens and len(plan.seqs) <= self.max_seqs
+        assert len({s.seq_id for s in plan.seqs}) == len(plan.seqs)
+        by_seq = {r.seq_id: r for r in self.engine.requests.values()}
+        kinds = set()
+        for i, seq in enumerate(plan.seqs):
+            request = by_seq[seq.seq_id]
+            assert seq.start_pos == request.num_computed_tokens and seq.num_new >= 1
+            assert seq.token_ids == request.all_token_ids[seq.start_pos : seq.context_len]
+            if seq.context_len < request.num_tokens:
+                self.chunks += 1
+                tokens[i] = DISCARDED
+            admitting = request.num_computed_tokens == 0  # admitted this step (end_step has not run)
+            kinds.add("prefill" if admitting or request.is_prefilling else "decode")
+        self.mixed_batches += kinds == {"prefill", "decode"}
+        return tokens
+
+
+CHUNKED_CASES = [(p, c, m) for c in ("kv", "hidden", "hybrid") for p, m in (("fcfs", True), ("apt", True), ("apt", False))]
+
+
+@pytest.mark.parametrize(("policy", "cache_mode", "mixed"), CHUNKED_CASES)
+def test_soak_chunked_prefill(policy: str, cache_mode: str, mixed: bool) -> None:
+    """Token budgets far below the prompts (so most prompts are prefilled in chunks, and chunks are
+    preempted), a step-time model whose budget binds, arrivals and aborts: no exception, no empty
+    step with work pending, no FCFS fallback, no leak, no token emitted for a partial chunk, every
+    step within the token and sequence limits, and every request ends."""
+    rng = random.Random(f"chunked/{policy}/{cache_mode}/{mixed}")
+    clock = Clock()
+    max_tokens = rng.choice([5, 8, 16])
+    # 10 ms per step + 1 ms per token + 10 µs per attended key: a 0.3 s TBT SLO binds at a few dozen tokens.
+    step_cost = StepCostModel(0.01, 1e-3, 1e-5)
+    executor = ChunkCheckingExecutor(num_blocks=24, seed=rng.randrange(1000), max_tokens=max_tokens, max_seqs=6,
+                                     step_cost=step_cost)
+    config = SchedulerConfig(policy=policy, cache_mode=cache_mode, max_num_seqs=6, max_num_batched_tokens=max_tokens,
+                             ttft_slo_s=2.0, tbt_slo_s=0.3, mixed=mixed, min_chunk_tokens=3)
+    engine = Engine(config, executor, clock=clock)
+    executor.engine = engine
+    added: set[str] = set()
+    ended: dict[str, str] = {}
+
+    def step() -> None:
+        pending, executed = engine.scheduler.has_work(), executor.batches
+        outputs = engine.step()
+        for out in outputs:
+            assert out.request_id not in ended, f"{out.request_id} reported after it ended"
+            assert DISCARDED not in out.token_ids, "a partial chunk's token was emitted"
+            if out.finished:
+                ended[out.request_id] = out.finish_reason
+        assert not pending or executor.batches > executed or any(o.finished for o in outputs), "an empty step"
+        engine.cache.check_invariants()
+        clock.now += step_cost.intercept_seconds
+
+    for i in range(SHORT_ITERATIONS):
+        clock.now += rng.random() * 0.02
+        if i < SHORT_ITERATIONS * 3 // 4:
+            for _ in range(rng.choices([0, 1, 2], weights=[85, 12, 3])[0]):
+                prompt = [rng.randrange(3, 100) for _ in range(rng.randint(1, 50))]
+                params = SamplingParams(max_tokens=rng.randint(1, 30), temperature=0.0)
+                try:
+                    added.add(engine.add_request(prompt, params))
+                except QueueFull:
+                    pass
+        if rng.random() < 0.02 and engine.requests:
+            engine.abort(rng.choice(list(engine.requests)))
+        step()
+    for _ in range(20_000):
+        if not engine.has_unfinished():
+            break
+        step()
+    assert set(ended) == added, f"{len(added - set(ended))} requests lost"
+    assert set(ended.values()) <= {"stop", "length", "abort"}
+    assert engine.cache.num_free == engine.cache.num_blocks, "blocks leaked"
+    stats = engine.stats()
+    assert stats.num_policy_fallbacks == 0 and stats.num_failed_steps == 0
+    assert executor.chunks > 0, "the token budget was meant to split prompts"
+    # Mixed steps carry decodes and prompt chunks together; the paper's structure never does.
+    assert (executor.mixed_batches > 0) == mixed, executor.mixed_batches
+    assert stats.step_time.num_steps == executor.batches and stats.step_time.model == step_cost

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from hybrid_cache.config import CacheConfig
-from hybrid_cache.info import WorkerInfo
+from hybrid_cache.info import StepCostModel, WorkerInfo
 from hybrid_cache.layout import CacheLayout
 from hybrid_cache.attention import make_backend
 from hybrid_cache.plan import BatchPlan
 from hybrid_cache.tensors import CacheTensors
 from worker.config import ModelConfig
-from worker.cost_model import profile_recompute
+from worker.cost_model import profile_recompute, profile_step_time, step_profile_plans
 from worker.loader import load_model
 from worker.models import ForwardContext
 from worker.parallel import SINGLE, TensorParallel
@@ -61,6 +61,7 @@ class ModelRunner:
         self.cost = profile_recompute(
             self.model, self.cache.workspace, cache.block_size, cache.profile_token_counts, cache.profile_repeats
         )
+        self.step_cost = self._profile_steps(cache.profile_repeats)
 
     def info(self) -> WorkerInfo:
         spec = self.model.spec
@@ -72,7 +73,16 @@ class ModelRunner:
             num_blocks=self.cache.num_blocks,
             cache_bytes=self.cache.nbytes,
             cost=self.cost,
+            step_cost=self.step_cost,
         )
+
+    def _profile_steps(self, repeats: int) -> StepCostModel:
+        """Whole steps timed on the empty cache (worker/cost_model.py); their sequences are then forgotten."""
+        plans = step_profile_plans(self.layout, self.cache.num_blocks, self.model.spec.max_position_embeddings)
+        sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
+        cost = profile_step_time(self.execute, plans, repeats, synchronize=sync)
+        self.execute(BatchPlan([], finished_seq_ids=[s.seq_id for p in plans for s in p.seqs]))
+        return cost
 
     def describe(self) -> dict[str, object]:
         """How this rank computes: its attention backend and whether its GEMM weights are prepacked."""

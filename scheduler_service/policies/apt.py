@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -11,12 +12,14 @@ from hybrid_cache.plan import CacheType
 from scheduler_service.knapsack import CODE_HIDDEN, CODE_KV, CODE_SKIP, NAMES, SKIP, choose_codes
 from scheduler_service.policies.base import Policy, ScheduleDecision, SchedulerView, allowed_cache_types
 from scheduler_service.request import Request
+from scheduler_service.step_time import StepLoad
 
 _CODES = {None: CODE_SKIP, CacheType.KV: CODE_KV, CacheType.HIDDEN: CODE_HIDDEN}
 
 
 class AptPolicy(Policy):
-    """Each iteration either prefills or decodes, whichever group has waited longer in total.
+    """Values requests by how long they have waited, picks them by a knapsack over memory, and builds
+    each step from the running requests it keeps and the prompts it admits.
 
     A request's value is its pending time `p` (since its last token, or its arrival) with KV, and
     `p - U·α·m` with the hidden cache (`U` requests not yet late each slowed by the recompute of its
@@ -26,10 +29,19 @@ class AptPolicy(Policy):
     because its KV blocks at its longest exceed the cache) would never be admitted, or, running, be
     preempted every step. For those requests the hidden value is floored at `violator_density` per
     hidden block (what a late KV request is worth): they run with spare room, like late ones.
-    Requests already past an SLO get a tiny value density: spare room only. Waiting
-    requests compete for the free blocks, running ones for the whole cache; a running request that
-    loses is preempted, one that keeps its type just goes on, and a hidden one chosen as KV is
-    converted in place when its KV blocks are free (else it stays hidden this step).
+    Requests already past an SLO get a tiny value density: spare room only.
+
+    Running requests compete for the whole cache: one that loses is preempted, one that keeps its
+    type just goes on, and a hidden one chosen as KV is converted in place when its KV blocks are
+    free (else it stays hidden this step). In a step that preempts nobody, waiting requests compete
+    for the free blocks left after every running request could grow `growth_reserve_tokens`.
+
+    The step (`mixed`, the default) carries every kept decode and then prompt chunks — of prompts
+    being prefilled and of admitted ones, the most urgent first — while the step-time model predicts
+    the step within `step_time_headroom` of the tightest time-between-tokens budget of the on-time
+    decodes. When that budget leaves no prompt any tokens, the prompts still get the step's token
+    budget if they have waited longer in total than the decodes. With `mixed: false`, that same
+    comparison picks a prefill-only or a decode-only step, as in the paper.
     """
 
     name = "apt"
@@ -38,31 +50,28 @@ class AptPolicy(Policy):
         waiting, running = _Candidates.of(view.waiting, view), _Candidates.of(view.running, view)
         # Who is already late, decided once per iteration: it sets U and each request's value.
         on_time = int((~waiting.late).sum() + (~running.late).sum())
-        # Admissions leave the running requests room to grow for a while: filling every free block
-        # would preempt one of them within a step or two, and its re-prefill wastes the admission.
-        reserve = sum(
-            view.cache.blocks_to_hold(r.seq_id, r.num_tokens + view.config.growth_reserve_tokens) for r in view.running
-        )
-        waiting_choice = waiting.choose(view, on_time, max(0, view.cache.num_free - reserve))
-        admitted = [(r, CacheType(NAMES[k])) for r, k in zip(view.waiting, waiting_choice.tolist()) if k != CODE_SKIP]
-        if admitted and (not view.running or waiting.pending.sum() > running.pending.sum()):
-            return self._prefill(view, admitted)
         running_choice = running.choose(view, on_time, view.cache.num_blocks)
-        return self._decode(view, [NAMES[k] for k in running_choice.tolist()])
-
-    def _prefill(self, view: SchedulerView, admitted: list[tuple[Request, CacheType]]) -> ScheduleDecision:
-        decision = ScheduleDecision()
-        tokens = 0
-        for request, kind in admitted:  # arrival order within the chosen set
-            if len(decision.prefill) >= view.config.max_num_seqs:
-                break
-            if tokens + request.num_tokens > view.max_num_batched_tokens:
-                continue
-            tokens += request.num_tokens
-            decision.prefill.append((request, kind))
+        decision, converted_blocks = self._keep(view, [NAMES[k] for k in running_choice.tolist()])
+        admitted: list[tuple[Request, CacheType]] = []
+        if not decision.preempt:  # memory is short in a step that preempts: admit nobody
+            # Admissions leave the running requests room to grow for a while: filling every free block
+            # would preempt one of them within a step or two, and its re-prefill wastes the admission.
+            reserve = converted_blocks + sum(
+                view.cache.blocks_to_hold(r.seq_id, r.num_tokens + view.config.growth_reserve_tokens)
+                for r in view.running
+            )
+            waiting_choice = waiting.choose(view, on_time, max(0, view.cache.num_free - reserve))
+            admitted = [(r, CacheType(NAMES[k])) for r, k in zip(view.waiting, waiting_choice.tolist()) if k != CODE_SKIP]
+        kept, decision.decode = decision.decode, []
+        decodes = [(r, kind) for r, kind in kept if not r.is_prefilling]
+        prompts = [(r, kind) for r, kind in kept if r.is_prefilling] + admitted
+        running_ids = {r.seq_id for r, _ in kept}
+        _Builder(view, decision, running_ids).build(decodes, prompts)
         return decision
 
-    def _decode(self, view: SchedulerView, kinds: list[str]) -> ScheduleDecision:
+    def _keep(self, view: SchedulerView, kinds: list[str]) -> tuple[ScheduleDecision, int]:
+        """Running requests the knapsack keeps (in `decode`, with their cache type this step) and the
+        ones it drops (in `preempt`); also the blocks the conversions it plans take beyond growth."""
         cache = view.cache
         decision = ScheduleDecision()
         keep: list[tuple[Request, CacheType]] = []
@@ -73,9 +82,11 @@ class AptPolicy(Policy):
                 free += len(cache.table(request.seq_id).blocks)
             else:
                 keep.append((request, CacheType(kind)))
-        # Growth first (every kept request keeps its current type), then conversions that fit.
+        # Growth first (every kept request keeps its current type; a prompt holds its whole length),
+        # then conversions that fit.
         for request, _ in keep:
             free -= cache.blocks_to_hold(request.seq_id, request.num_tokens)
+        converted = 0
         for request, kind in keep:
             target = request.cache_type
             if kind is CacheType.KV and request.cache_type is CacheType.HIDDEN:
@@ -85,11 +96,107 @@ class AptPolicy(Policy):
                 )
                 if extra <= free:
                     free -= extra
+                    converted += extra
                     target = CacheType.KV
             decision.decode.append((request, target))
-        decision.decode = decision.decode[: view.config.max_num_seqs]
-        return decision
+        return decision, converted
 
+
+@dataclass
+class _Builder:
+    """Fills one step's token and sequence budgets: decodes, then prompt chunks (see `AptPolicy`)."""
+
+    view: SchedulerView
+    decision: ScheduleDecision
+    running_ids: set[int]
+    load: StepLoad = field(default_factory=StepLoad)
+    tokens_left: int = 0
+
+    def build(self, decodes: list[tuple[Request, CacheType]], prompts: list[tuple[Request, CacheType]]) -> None:
+        view = self.view
+        self.tokens_left = view.max_num_batched_tokens
+        if not view.config.mixed:
+            prompts = self._in_arrival_order(prompts)
+            if prompts and (not decodes or _pending(view, prompts) > _pending(view, decodes)):
+                self._chunks(prompts, budget_s=math.inf)
+            else:
+                self._decodes(decodes)
+            return
+        self._decodes(decodes)
+        prompts = self._by_urgency(prompts)
+        self._chunks(prompts, budget_s=self._time_budget())
+        if prompts and self._num_prompt_chunks() == 0 and (
+            not self.decision.decode or _pending(view, prompts) > _pending(view, decodes)
+        ):
+            self._chunks(prompts, budget_s=math.inf)  # the prompts have waited longer: they go anyway
+
+    def _decodes(self, decodes: list[tuple[Request, CacheType]]) -> None:
+        for request, kind in decodes:
+            if len(self.decision.decode) >= self.view.config.max_num_seqs or self.tokens_left == 0:
+                return
+            self.tokens_left -= 1
+            self.load.add(1, request.num_computed_tokens, kind is CacheType.HIDDEN)
+            self.decision.decode.append((request, kind))
+
+    def _chunks(self, prompts: list[tuple[Request, CacheType]], budget_s: float) -> None:
+        """Give each prompt, in order, the longest chunk the token, sequence and time budgets allow."""
+        config, decision = self.view.config, self.decision
+        for request, kind in prompts:
+            if len(decision.decode) + len(decision.prefill) >= config.max_num_seqs or self.tokens_left == 0:
+                return
+            start, hidden = request.num_computed_tokens, kind is CacheType.HIDDEN
+            limit = min(request.num_new_tokens, self.tokens_left)
+            take = limit
+            if math.isfinite(budget_s) and self.view.step_time is not None:
+                take = self.view.step_time.largest_chunk(self.load, start, hidden, limit, budget_s)
+                if take < limit and take < config.min_chunk_tokens:
+                    take = 0
+            if take == 0:
+                continue
+            self.tokens_left -= take
+            self.load.add(take, start, hidden)
+            if take < request.num_new_tokens:
+                decision.num_new_tokens[request.seq_id] = take
+            (decision.decode if request.seq_id in self.running_ids else decision.prefill).append((request, kind))
+
+    def _num_prompt_chunks(self) -> int:
+        return len(self.decision.prefill) + sum(r.is_prefilling for r, _ in self.decision.decode)
+
+    def _time_budget(self) -> float:
+        """Seconds this step may take: the tightest time-between-tokens slack of the on-time decodes
+        in it, times the headroom; unbounded without decodes on time or without a step-time model."""
+        view = self.view
+        if view.step_time is None:
+            return math.inf
+        slack = [
+            r.pending_since() + r.tbt_slo_s - view.now
+            for r, _ in self.decision.decode
+            if r.last_token_time is not None and not r.violates_slo(view.now)
+        ]
+        return min(slack) * view.config.step_time_headroom if slack else math.inf
+
+    def _by_urgency(self, prompts: list[tuple[Request, CacheType]]) -> list[tuple[Request, CacheType]]:
+        """On-time prompts by the time left to their SLO deadline (TTFT, or TBT for a preempted one
+        re-prefilling its outputs), then late ones oldest first."""
+        now = self.view.now
+
+        def key(item: tuple[Request, CacheType]) -> tuple[bool, float]:
+            request = item[0]
+            slo = request.ttft_slo_s if request.last_token_time is None else request.tbt_slo_s
+            deadline = request.pending_since() + slo
+            late = deadline < now
+            return late, request.arrival_time if late else deadline
+
+        return sorted(prompts, key=key)
+
+    @staticmethod
+    def _in_arrival_order(prompts: list[tuple[Request, CacheType]]) -> list[tuple[Request, CacheType]]:
+        return sorted(prompts, key=lambda item: item[0].arrival_time)
+
+
+def _pending(view: SchedulerView, group: list[tuple[Request, CacheType]]) -> float:
+    """The summed pending time of a group of requests (the paper's prefill-or-decode comparison)."""
+    return sum(view.now - r.pending_since() for r, _ in group)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from hybrid_cache.manager import CacheManager
 from hybrid_cache.plan import CacheType
 from scheduler_service.config import CacheMode, SchedulerConfig
 from scheduler_service.request import Request
+from scheduler_service.step_time import StepTimePredictor
 
 
 @dataclass
@@ -24,6 +25,7 @@ class SchedulerView:
     max_num_batched_tokens: int
     alpha: float  # seconds of recompute per block of hidden history per step
     now: float
+    step_time: StepTimePredictor | None = None  # None: no step-time profile (chunks sized by tokens alone)
 
     @property
     def cache_mode(self) -> CacheMode:
@@ -47,12 +49,27 @@ def allowed_cache_types(override: CacheType | None, mode: CacheMode, layout: Cac
 
 @dataclass
 class ScheduleDecision:
-    """One step's choice. `decode` entries name the cache type to continue with: KV for a hidden
-    request means converting it in place. Requests in `preempt` lose their blocks and wait again."""
+    """One step's choice. `decode` holds running requests that go on — a decode, or the next chunk of
+    a prompt they are prefilling — with the cache type to continue with: KV for a hidden request
+    means converting it in place. `prefill` admits waiting requests. Requests in `preempt` lose
+    their blocks and wait again; a running request in neither list keeps its blocks and sits out.
+
+    `num_new_tokens` (by seq_id) cuts a prompt: the step computes that many of the request's
+    `num_new_tokens` (at least 1, at most all); a request not named computes all it has left.
+    """
 
     decode: list[tuple[Request, CacheType]] = field(default_factory=list)
     prefill: list[tuple[Request, CacheType]] = field(default_factory=list)
     preempt: list[Request] = field(default_factory=list)
+    num_new_tokens: dict[int, int] = field(default_factory=dict)
+
+    def tokens_for(self, request: Request) -> int:
+        """Tokens `request` computes in this step."""
+        return self.num_new_tokens.get(request.seq_id, request.num_new_tokens)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.tokens_for(r) for r, _ in self.decode) + sum(self.tokens_for(r) for r, _ in self.prefill)
 
 
 class Policy(ABC):

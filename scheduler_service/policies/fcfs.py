@@ -1,4 +1,5 @@
-"""First-come-first-serve, as vLLM schedules: oldest first, preempt the newest when memory runs out."""
+"""First-come-first-serve, as vLLM v1 schedules: oldest first, preempt the newest when memory runs out,
+decodes first and then prompt chunks within the step's token budget (chunked prefill)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ from scheduler_service.request import Request
 
 
 class FCFSPolicy(Policy):
-    """Decodes every running request it can (oldest first), then admits waiting requests in arrival
-    order while their blocks and the step's token budget fit, stopping at the first that does not.
+    """Keeps every running request it can (oldest first), then admits waiting requests in arrival
+    order while their blocks and the step's limits fit, stopping at the first that does not.
+
+    Tokens: every kept decode first (one token each), then the next chunk of each running prompt
+    being prefilled, then the first chunk of each admitted prompt, each chunk as long as what is left
+    of `max_num_batched_tokens` allows. Memory counts a prompt's whole blocks from its admission
+    (blocks are allocated chunk by chunk, but no one else is given those still to come), so a prompt
+    being prefilled is never stalled by later admissions.
 
     In `hybrid` mode a request is admitted as KV if its KV blocks fit, else as hidden if its hidden
     blocks fit; a running hidden request is converted to KV in place once nobody waits and its KV
@@ -22,10 +29,10 @@ class FCFSPolicy(Policy):
         decision = ScheduleDecision()
         cache = view.cache
         free = cache.num_free
-        tokens = 0
         running: list[Request] = list(view.running)
+        kept: list[Request] = []
 
-        # 1. Decodes, oldest first; when a request cannot grow, preempt the newest until it can.
+        # 1. Memory, oldest first; when a request cannot grow, preempt the newest until it can.
         while running:
             request = running.pop(0)
             need = cache.blocks_to_hold(request.seq_id, request.num_tokens)
@@ -37,13 +44,20 @@ class FCFSPolicy(Policy):
                 decision.preempt.append(request)
                 free += len(cache.table(request.seq_id).blocks)
                 continue
-            if len(decision.decode) >= view.config.max_num_seqs or tokens + 1 > view.max_num_batched_tokens:
-                continue  # no room in this step; it keeps its blocks and runs next step
-            free -= need
-            tokens += 1
+            free -= need  # held for it even if it sits this step out
+            kept.append(request)
+
+        # 2. Tokens: decodes, then the running prompts' chunks; a request left out keeps its blocks.
+        tokens_left = view.max_num_batched_tokens
+        for request in [r for r in kept if not r.is_prefilling] + [r for r in kept if r.is_prefilling]:
+            if len(decision.decode) >= view.config.max_num_seqs or tokens_left == 0:
+                break
+            take = min(request.num_new_tokens, tokens_left)
+            tokens_left -= take
+            _cut(decision, request, take)
             decision.decode.append((request, request.cache_type))
 
-        # 2. Conversions to KV, only when nothing waits and memory is plentiful.
+        # 3. Conversions to KV, only when nothing waits and memory is plentiful.
         if not view.waiting and not decision.preempt:
             reserve = int(view.config.conversion_free_fraction * cache.num_blocks)
             for index, (request, cache_type) in enumerate(decision.decode):
@@ -53,13 +67,11 @@ class FCFSPolicy(Policy):
                         free -= need
                         decision.decode[index] = (request, CacheType.KV)
 
-        # 3. Admissions in arrival order (none in a step that had to preempt: memory is short).
+        # 4. Admissions in arrival order (none in a step that had to preempt: memory is short).
         if decision.preempt:
             return decision
         for request in view.waiting:
-            if len(decision.decode) + len(decision.prefill) >= view.config.max_num_seqs:
-                break
-            if tokens + request.num_tokens > view.max_num_batched_tokens:
+            if len(decision.decode) + len(decision.prefill) >= view.config.max_num_seqs or tokens_left == 0:
                 break
             chosen = None
             for cache_type in view.allowed_types(request):
@@ -70,6 +82,14 @@ class FCFSPolicy(Policy):
             if chosen is None:
                 break
             free -= need
-            tokens += request.num_tokens
+            take = min(request.num_tokens, tokens_left)
+            tokens_left -= take
+            _cut(decision, request, take)
             decision.prefill.append((request, chosen))
         return decision
+
+
+def _cut(decision: ScheduleDecision, request: Request, take: int) -> None:
+    """Record that `request` computes `take` of its remaining tokens this step (only if fewer than all)."""
+    if take < request.num_new_tokens:
+        decision.num_new_tokens[request.seq_id] = take

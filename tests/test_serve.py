@@ -15,6 +15,7 @@ import grpc
 import httpx
 import openai
 import pytest
+import ray
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
@@ -67,7 +68,9 @@ class Server:
 
 @contextlib.contextmanager
 def serving(model_dir: Path, **overrides: object) -> Iterator[Server]:
-    """The product on Ray Serve over `model_dir` (tiny), on free loopback ports, until the block ends."""
+    """The product on Ray Serve over `model_dir` (tiny), on free loopback ports, until the block ends
+    (then Ray too, if this started it: later tests expect no Ray)."""
+    started_ray = not ray.is_initialized()
     ensure_ray(num_cpus=2)
     config = load_config(overrides={
         "model.path": str(model_dir), "cache.block_size": 4, "cache.num_blocks": 256,
@@ -91,6 +94,8 @@ def serving(model_dir: Path, **overrides: object) -> Iterator[Server]:
         yield server
     finally:
         stop_serving(config)
+        if started_ray:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")

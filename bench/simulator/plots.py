@@ -22,7 +22,9 @@ def plot_projection(cells: list[dict], out: Path) -> list[Path]:
         groups.setdefault((c["dataset"], c["cv"], c["slo_scale"]), []).append(c)
         folder = out / "cells" / f"{c['setting']}-{c['dataset']}-cv{c['cv']:g}-s{c['slo_scale']:g}"
         folder.mkdir(parents=True, exist_ok=True)
-        plot_attainment(c["systems"], folder)
+        by_rate = {name: {"attainment_by_rate": {float(r): a for r, a in result["attainment_by_rate"].items()}}
+                   for name, result in c["systems"].items()}  # JSON keys are strings
+        plot_attainment(by_rate, folder)
     for (dataset, cv, scale), group in groups.items():
         systems = list(group[0]["systems"])
         fig, ax = plt.subplots(figsize=(8, 4))

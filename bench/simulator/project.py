@@ -17,6 +17,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from bench.simulator.api import SimConfig
@@ -81,8 +82,8 @@ def crossing(attainment: dict[float, float], target: float = 0.9) -> float:
 
 
 def markdown(cells: list[dict]) -> str:
-    """Per cell: each system's effective throughput (highest passing probe) and, in brackets, the
-    interpolated 90% crossing; the best system's crossing over fcfs/kv's."""
+    """Per cell: each system's effective throughput (highest passing probe; `≥` when that was the highest
+    rate probed) and, in brackets, the interpolated 90% crossing; the best system's crossing over fcfs/kv's."""
     names = [f"{p}/{c}" for p, c in SYSTEMS]
     lines = ["| setting | dataset | CV | SLO scale (TTFT, TBT ms) | " + " | ".join(names) + " | best / fcfs/kv |",
              "| --- | --- | ---: | --- | " + " | ".join("---:" for _ in names) + " | ---: |"]
@@ -91,8 +92,11 @@ def markdown(cells: list[dict]) -> str:
         cross = [c["systems"][n].get("crossing", e) for n, e in zip(names, eff)]
         gain = f"{max(cross) / cross[0]:.2f}x" if cross[0] else ("inf" if max(cross) else "-")
         slo = f"{c['slo_scale']:g}x ({c['slo']['ttft_s'] * 1000:.0f}, {c['slo']['tbt_s'] * 1000:.0f})"
+        capped = [max(map(float, c["systems"][n]["attainment_by_rate"])) == e for n, e in zip(names, eff)]
+        gain = ("≥ " if capped[int(np.argmax(cross))] else "") + gain
         lines.append(f"| {c['setting']} | {c['dataset']} | {c['cv']:g} | {slo} | "
-                     + " | ".join(f"{e:.2f} ({x:.2f})" for e, x in zip(eff, cross)) + f" | {gain} |")
+                     + " | ".join(f"{'≥ ' if top else ''}{e:.2f} ({x:.2f})" for e, x, top in zip(eff, cross, capped))
+                     + f" | {gain} |")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ setup: $(STAMP) model kernels
 
 # Our C++ attention kernel (csrc/), compiled once into build/kernels (about 12 s on two cores).
 kernels: $(STAMP)
-	$(BIN)/python -m worker.kernels
+	$(BIN)/python -m hybrid_cache.kernels
 
 # torch first, alone, so that nothing pulls a CUDA build; then the project and its pinned deps.
 $(STAMP): pyproject.toml

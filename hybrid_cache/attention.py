@@ -18,6 +18,7 @@ from typing import ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 
+from hybrid_cache.kernels import load as load_kernels
 from hybrid_cache.layout import CacheLayout
 from hybrid_cache.metadata import AttentionMetadata, build_metadata
 from hybrid_cache.plan import BatchPlan
@@ -231,9 +232,7 @@ class CpuPagedBackend(AttentionBackend):
     name = "cpu_paged"
 
     def __init__(self) -> None:
-        from worker.kernels import load  # the build lives with the worker; loading it needs torch only
-
-        load()
+        load_kernels()
         self._op = torch.ops.aptserve.paged_attention
 
     def build_metadata(
@@ -272,7 +271,8 @@ class CpuPagedBackend(AttentionBackend):
                 t = hidden_pass.tokens
                 lse_a, lse_b = lse[t], part_lse[t]
                 total = torch.logaddexp(lse_a, lse_b)
-                acc[t] = acc[t] * torch.exp(lse_a - total).unsqueeze(-1) + part[t] * torch.exp(lse_b - total).unsqueeze(-1)
+                weight_a, weight_b = torch.exp(lse_a - total).unsqueeze(-1), torch.exp(lse_b - total).unsqueeze(-1)
+                acc[t] = acc[t] * weight_a + part[t] * weight_b
                 lse[t] = total
         t = paged.hidden_tokens
         out[t] = acc[t].to(out.dtype)

@@ -2,7 +2,7 @@
 
 The library is built with the system C++ compiler against the installed torch's headers — no ninja,
 no pybind11 (the ops register through TORCH_LIBRARY), so a build from a fresh clone takes well under
-a minute on two cores. `make setup` builds it (`python -m worker.kernels`); a process that finds no
+a minute on two cores. `make setup` builds it (`python -m hybrid_cache.kernels`); a process that finds no
 library for the current sources, torch version and flags builds it first, under a file lock so
 concurrent processes build it once. A failed build raises: nothing falls back silently.
 """

@@ -57,7 +57,7 @@ def test_attention_timer_covers_every_call_and_agrees_with_direct_timing(
     before = dict(timer.totals), dict(timer.counts)
     wall = 0.0
     steps = 6
-    for step in range(steps):
+    for _ in range(steps):
         start = time.perf_counter()
         runner.execute(BatchPlan(seqs))
         wall += time.perf_counter() - start

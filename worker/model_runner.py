@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from hybrid_cache.attention import make_backend
 from hybrid_cache.config import CacheConfig
 from hybrid_cache.info import StepCostModel, WorkerInfo
 from hybrid_cache.layout import CacheLayout
-from hybrid_cache.attention import make_backend
 from hybrid_cache.plan import BatchPlan
 from hybrid_cache.tensors import CacheTensors
 from worker.config import ModelConfig

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.model_spec import ModelSpec
-from worker.models.base import CachedAttention, CausalLM, ForwardContext, Linear, RMSNorm, RotaryEmbedding, RowParallelLinear
+from worker.models.base import (
+    CachedAttention,
+    CausalLM,
+    ForwardContext,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+)
 from worker.parallel import TensorParallel
 
 

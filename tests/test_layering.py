@@ -59,3 +59,14 @@ def test_simulator_needs_no_model_code() -> None:
     assert files
     wrong = {str(f.relative_to(REPO)): sorted(imported_roots(f) & {"worker", "torch", "ray", "cluster"}) for f in files}
     assert not {k: v for k, v in wrong.items() if v}, f"the simulator imports model code: {wrong}"
+
+
+def test_code_and_docs_explain_themselves_without_the_design_brief() -> None:
+    """The design brief is not shipped: code and docs cite docs/, never its section numbers."""
+    roots = ["cluster", "scheduler_service", "worker", "hybrid_cache", "bench", "tests", "docs", "deploy", "configs"]
+    files = [REPO / "README.md", REPO / "Makefile"]
+    for root in roots:
+        files += [p for p in (REPO / root).rglob("*") if p.suffix in {".py", ".md", ".yaml", ".cpp"}]
+    assert len(files) > 50
+    citing = [str(p.relative_to(REPO)) for p in files if "DESIGN " + "§" in p.read_text(errors="replace")]
+    assert not citing, f"files cite the design brief instead of docs/: {citing}"

@@ -1,6 +1,6 @@
 """Tensor parallelism of one rank: which shard it holds, and the two collectives the models need.
 
-Megatron-style (DESIGN §4): column-parallel QKV and first MLP projection, row-parallel output
+Megatron-style: column-parallel QKV and first MLP projection, row-parallel output
 projections followed by an all-reduce; heads split across ranks. The hidden cache keeps each rank's
 column slice of `x`; recompute all-gathers the rows it needs. TP=1 is the same code with no-op
 collectives.
@@ -58,7 +58,7 @@ def init_tensor_parallel(
     """
     if size == 1:
         return SINGLE
-    # gloo picks its interface from the host name unless told: keep it on loopback (DESIGN §9).
+    # gloo picks its interface from the host name unless told: keep it on loopback (docs/BENCHMARK_METHOD.md).
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # also set by `cluster` for every Ray process
     backend = "nccl" if device.type == "cuda" else "gloo"
     os.makedirs(os.path.dirname(rendezvous_file), exist_ok=True)  # on this rank's node (see RayExecutor)

@@ -108,5 +108,23 @@ def profile_step_time(
         rows.append((float(load.tokens), float(load.context), best))
     design = torch.tensor([[1.0, t, c] for t, c, _ in rows], dtype=torch.float64)
     seconds = torch.tensor([s for _, _, s in rows], dtype=torch.float64).unsqueeze(1)
-    a, b, c = torch.linalg.lstsq(design, seconds).solution.squeeze(1).tolist()
-    return StepCostModel(intercept_seconds=max(a, 0.0), seconds_per_token=max(b, 0.0), seconds_per_context=max(c, 0.0))
+    a, b, c = _non_negative_fit(design, seconds)
+    return StepCostModel(intercept_seconds=a, seconds_per_token=b, seconds_per_context=c)
+
+
+def _non_negative_fit(design: torch.Tensor, seconds: torch.Tensor) -> list[float]:
+    """Least squares with every coefficient >= 0: a column whose coefficient comes out negative (noise,
+    or a term too small to see) is dropped and the rest refitted, rather than clamped after the fit."""
+    active = list(range(design.shape[1]))
+    while True:
+        solution = torch.linalg.lstsq(design[:, active], seconds).solution.squeeze(1).tolist()
+        negative = [column for column, value in zip(active, solution) if value < 0]
+        if not negative:
+            break
+        active = [column for column in active if column not in negative]
+        if not active:
+            return [0.0] * design.shape[1]
+    coefficients = [0.0] * design.shape[1]
+    for column, value in zip(active, solution):
+        coefficients[column] = value
+    return coefficients

@@ -35,17 +35,21 @@ class StepCostModel:
     How it is measured: docs/ARCHITECTURE.md, "Step-time model". A step that computes `tokens` new
     tokens whose queries attend `context` keys in all (a decode of a request holding `L` tokens
     attends `L` keys; a chunk of `k` tokens after `s` cached ones attends `k·s + k(k+1)/2`) takes about
-    `intercept_seconds + seconds_per_token · tokens + seconds_per_context · context`. The K/V
-    recompute of hidden requests is not in it: `CostModel` adds that.
+    `intercept_seconds + seconds_per_token · tokens + seconds_per_context · context +
+    seconds_per_sequence · sequences` (the last term: each sequence's own work, e.g. its attention
+    call and its row of logits). The K/V recompute of hidden requests is not in it: `CostModel` adds that.
     """
 
     intercept_seconds: float
     seconds_per_token: float
     seconds_per_context: float
+    seconds_per_sequence: float = 0.0
 
-    def seconds(self, tokens: int, context: int) -> float:
-        """The predicted seconds of a step of `tokens` new tokens attending `context` keys in all."""
-        return self.intercept_seconds + self.seconds_per_token * tokens + self.seconds_per_context * context
+    def seconds(self, tokens: int, context: int, sequences: int = 0) -> float:
+        """The predicted seconds of a step of `tokens` new tokens of `sequences` sequences attending
+        `context` keys in all."""
+        return (self.intercept_seconds + self.seconds_per_token * tokens + self.seconds_per_context * context
+                + self.seconds_per_sequence * sequences)
 
 
 def attended_keys(num_new: int, start: int) -> int:
@@ -60,9 +64,11 @@ class StepLoad:
     tokens: int = 0
     context: int = 0
     hidden_history: int = 0
+    sequences: int = 0
 
     def add(self, num_new: int, start: int, hidden: bool) -> None:
         """Count a sequence computing `num_new` tokens after `start` cached ones."""
+        self.sequences += 1
         self.tokens += num_new
         self.context += attended_keys(num_new, start)
         if hidden:
@@ -70,7 +76,7 @@ class StepLoad:
 
     def plus(self, num_new: int, start: int, hidden: bool) -> StepLoad:
         """A copy with one more sequence counted."""
-        load = StepLoad(self.tokens, self.context, self.hidden_history)
+        load = StepLoad(self.tokens, self.context, self.hidden_history, self.sequences)
         load.add(num_new, start, hidden)
         return load
 

@@ -16,14 +16,14 @@ from hybrid_cache.info import CostModel, StepCostModel, StepLoad, attended_keys
 
 @dataclass(frozen=True)
 class StepTimePredictor:
-    """Predicted seconds of a step: `step.seconds(tokens, context)`, plus the K/V recompute of the
+    """Predicted seconds of a step: `step.seconds(tokens, context, sequences)`, plus the K/V recompute of the
     hidden history (`recompute.fixed_seconds + recompute.seconds_per_token · history`) when there is any."""
 
     step: StepCostModel
     recompute: CostModel
 
     def seconds(self, load: StepLoad) -> float:
-        seconds = self.step.seconds(load.tokens, load.context)
+        seconds = self.step.seconds(load.tokens, load.context, load.sequences)
         if load.hidden_history:
             seconds += self.recompute.fixed_seconds + self.recompute.seconds_per_token * load.hidden_history
         return seconds

@@ -57,7 +57,7 @@ def profile_recompute(
 # that tokens and attended keys vary independently. Each is clamped to the model's context and the
 # cache's blocks.
 STEP_PROFILE_SHAPES: tuple[tuple[int, int, int], ...] = (
-    (1, 32, 0), (1, 256, 0), (1, 128, 512), (16, 1, 128), (64, 1, 512), (16, 1, 1024),
+    (1, 32, 0), (1, 256, 0), (1, 128, 512), (16, 1, 128), (64, 1, 512), (16, 1, 1024), (4, 32, 64),
 )
 
 
@@ -94,7 +94,7 @@ def profile_step_time(
     synchronize: Callable[[], None] = lambda: None,
 ) -> StepCostModel:
     """Time whole steps (`execute`, the fastest of `repeats` after a warm-up) and fit
-    `seconds = a + b·tokens + c·context` by least squares (docs/ARCHITECTURE.md, "Step-time model")."""
+    `seconds = a + b·tokens + c·context + d·sequences` by least squares (docs/ARCHITECTURE.md, "Step-time model")."""
     rows: list[tuple[float, float, float]] = []
     for plan in plans:
         best = float("inf")
@@ -105,11 +105,11 @@ def profile_step_time(
             synchronize()
             best = min(best, clock() - start)
         load = StepLoad.of_plan(plan)
-        rows.append((float(load.tokens), float(load.context), best))
-    design = torch.tensor([[1.0, t, c] for t, c, _ in rows], dtype=torch.float64)
-    seconds = torch.tensor([s for _, _, s in rows], dtype=torch.float64).unsqueeze(1)
-    a, b, c = _non_negative_fit(design, seconds)
-    return StepCostModel(intercept_seconds=a, seconds_per_token=b, seconds_per_context=c)
+        rows.append((float(load.tokens), float(load.context), float(load.sequences), best))
+    design = torch.tensor([[1.0, t, c, n] for t, c, n, _ in rows], dtype=torch.float64)
+    seconds = torch.tensor([s for *_, s in rows], dtype=torch.float64).unsqueeze(1)
+    a, b, c, d = _non_negative_fit(design, seconds)
+    return StepCostModel(intercept_seconds=a, seconds_per_token=b, seconds_per_context=c, seconds_per_sequence=d)
 
 
 def _non_negative_fit(design: torch.Tensor, seconds: torch.Tensor) -> list[float]:

@@ -28,3 +28,8 @@ class StepTimer:
         finally:
             self.totals[name] += time.perf_counter() - start
             self.counts[name] += 1
+
+    def reset(self) -> None:
+        """Forget every total (start-up profiling is not serving time)."""
+        self.totals.clear()
+        self.counts.clear()

@@ -62,6 +62,7 @@ class ModelRunner:
             self.model, self.cache.workspace, cache.block_size, cache.profile_token_counts, cache.profile_repeats
         )
         self.step_cost = self._profile_steps(cache.profile_repeats)
+        self.cache.workspace.timer.reset()  # the step-time split counts served steps only
 
     def info(self) -> WorkerInfo:
         spec = self.model.spec

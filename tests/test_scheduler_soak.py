@@ -212,7 +212,9 @@ class ChunkCheckingExecutor(FakeExecutor):
         return tokens
 
 
-CHUNKED_CASES = [(p, c, m) for c in ("kv", "hidden", "hybrid") for p, m in (("fcfs", True), ("apt", True), ("apt", False))]
+CHUNKED_CASES = [
+    (p, c, m) for c in ("kv", "hidden", "hybrid") for p, m in (("fcfs", True), ("apt", True), ("apt", False))
+]
 
 
 @pytest.mark.parametrize(("policy", "cache_mode", "mixed"), CHUNKED_CASES)

@@ -61,7 +61,8 @@ class AptPolicy(Policy):
                 for r in view.running
             )
             waiting_choice = waiting.choose(view, on_time, max(0, view.cache.num_free - reserve))
-            admitted = [(r, CacheType(NAMES[k])) for r, k in zip(view.waiting, waiting_choice.tolist()) if k != CODE_SKIP]
+            codes = waiting_choice.tolist()
+            admitted = [(r, CacheType(NAMES[k])) for r, k in zip(view.waiting, codes) if k != CODE_SKIP]
         kept, decision.decode = decision.decode, []
         decodes = [(r, kind) for r, kind in kept if not r.is_prefilling]
         prompts = [(r, kind) for r, kind in kept if r.is_prefilling] + admitted

@@ -35,6 +35,12 @@ METRICS = {
     "num_requests_by_cache_type": "Running requests by the cache type they hold.",
     "num_cache_blocks": "Cache blocks of this replica.",
     "recompute_seconds_per_block": "Alpha: seconds of K/V recompute per block of hidden history per step.",
+    "step_time_model_seconds": "The start-up step-time model apt sizes prompt chunks by, one series per term: "
+    "intercept (seconds), per_token, per_context (per attended key), per_sequence.",
+    "step_time_predicted_seconds_total": "Predicted duration of the steps the engine ran (apt's step-time model).",
+    "step_time_measured_seconds_total": "Measured duration of the same steps.",
+    "step_time_abs_error_seconds_total": "Summed |predicted - measured| over the same steps.",
+    "step_time_median_rel_error": "Median |predicted - measured| / measured over the recent steps (NaN before any).",
     "slo_attainment": "Share of judged requests that met their TTFT and P99 TBT SLOs (NaN before any).",
     "requests_slo_met_total": "Requests that finished (stop or length) within their TTFT and P99 TBT SLOs.",
     "requests_slo_judged_total": "Requests judged against the SLOs: every request the engine accepted, once ended "
@@ -119,6 +125,18 @@ class _ReplicaCollector(Collector):
             gauge("num_requests_by_cache_type", cache.hidden_requests, {"cache_type": "hidden"})
             gauge("num_cache_blocks", cache.num_blocks)
             gauge("recompute_seconds_per_block", stats.alpha)
+            report = stats.step_time
+            if report.model is not None:
+                model = report.model
+                terms = {"intercept": model.intercept_seconds, "per_token": model.seconds_per_token,
+                         "per_context": model.seconds_per_context, "per_sequence": model.seconds_per_sequence}
+                for term, value in terms.items():
+                    gauge("step_time_model_seconds", value, {"term": term})
+            counter("step_time_predicted_seconds_total", report.predicted_seconds)
+            counter("step_time_measured_seconds_total", report.measured_seconds)
+            counter("step_time_abs_error_seconds_total", report.abs_error_seconds)
+            median = report.median_rel_error
+            gauge("step_time_median_rel_error", float("nan") if median is None else median)
             attainment = metrics.slo_attainment
             gauge("slo_attainment", float("nan") if attainment is None else attainment)
             counter("requests_slo_met_total", metrics.slo_met)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -220,3 +221,25 @@ def test_ttft_counts_from_the_ingress_receipt(tiny_opt_with_tokenizer: Path) -> 
         answered = time.time()
         [received] = Recording.received
         assert sent <= received <= answered
+
+
+def test_metrics_export_the_step_time_model_and_its_error(server) -> None:
+    """apt sizes prompt chunks by the start-up step-time model: /metrics shows it and how far off it was."""
+    base, engine = server
+    assert httpx.post(f"{base}/v1/completions", json=COMPLETION, timeout=60).status_code == 200
+    wait_idle(engine)
+    report = engine.engine.stats().step_time
+    assert report.model is not None and report.num_steps > 0 and report.measured_seconds > 0
+    page = httpx.get(f"{base}/metrics", timeout=10).text
+    series = {}
+    for line in page.splitlines():
+        if line.startswith("aptserve:step_time"):
+            name, value = line.rsplit(" ", 1)
+            term = re.search(r'term="(\w+)"', name)
+            series[name.split("{")[0] + (f"/{term.group(1)}" if term else "")] = float(value)
+    model = "aptserve:step_time_model_seconds"
+    assert {f"{model}/{t}" for t in ("intercept", "per_token", "per_context", "per_sequence")} <= set(series)
+    assert series[f"{model}/per_token"] == pytest.approx(report.model.seconds_per_token)
+    assert series["aptserve:step_time_measured_seconds_total"] == pytest.approx(report.measured_seconds)
+    assert series["aptserve:step_time_predicted_seconds_total"] == pytest.approx(report.predicted_seconds)
+    assert series["aptserve:step_time_median_rel_error"] == pytest.approx(report.median_rel_error)

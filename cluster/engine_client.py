@@ -30,10 +30,11 @@ class RemoteRequestError(ReplicaFailed):
     """The engine ended a request's stream with an error (e.g. its engine loop stopped)."""
 
 
-# A request refused by the engine thread after `add_request` returned (a race with a full queue, say)
-# comes back as "<exception name>: <message>": these names are refusals, any other is a failure.
+# A request refused by the engine thread after `add_request` returned (a race with a full queue, say), or
+# aborted by another caller, comes back as "<exception name>: <message>": these names map to what the
+# stream raises; any other is a failure of the replica.
 _REFUSALS: dict[str, type[Exception]] = {"QueueFull": QueueFull, "ValueError": ValueError,
-                                         "HiddenCacheUnavailable": ValueError}
+                                         "HiddenCacheUnavailable": ValueError, "RequestAborted": RequestAborted}
 
 
 def _stream_error(message: str) -> Exception:

@@ -36,6 +36,10 @@ class _Outbox:
     polls_in_progress: int = 0
 
 
+# The message of the item that ends the stream of a request aborted by `abort`.
+ABORTED = "RequestAborted: the request was aborted"
+
+
 class EngineService:
     """Owns an `AsyncEngine` built by `build`; callers are told apart by a caller id."""
 
@@ -113,7 +117,8 @@ class EngineService:
     async def poll(self, caller: str, timeout_s: float) -> list[RequestOutput | tuple[str, str]]:
         """Outputs for `caller` since its last poll (waiting up to `timeout_s` for the first one).
 
-        An item is a RequestOutput, or `(request_id, error message)` when a request's stream failed.
+        An item is a RequestOutput, or `(request_id, error message)` when a request's stream failed
+        (`ABORTED` when it was aborted by `abort`).
         """
         box = self._outbox(caller)
         box.polls_in_progress += 1
@@ -136,6 +141,12 @@ class EngineService:
         self.engine.abort(request_id, reason)  # first, so the engine counts this reason
         if task is not None:
             task.cancel()  # its stream's own abort comes second and changes nothing
+            # The abort may come from another caller (another ingress replica): the stream's own
+            # caller must still learn that it ended, or it would wait for its timeout.
+            for box in self._outboxes.values():
+                if request_id in box.request_ids:
+                    box.outputs.append((request_id, ABORTED))
+                    box.ready.set()
         else:
             self._early_aborts[request_id] = time.monotonic()
 

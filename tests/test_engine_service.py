@@ -12,7 +12,7 @@ import pytest
 from cluster import LLM, SamplingParams
 from cluster.config import load_config
 from cluster.engine_builder import build_engine
-from scheduler_service.engine_service import EngineService
+from scheduler_service.engine_service import ABORTED, EngineService
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [20, 21]]
@@ -38,23 +38,27 @@ def test_service_in_process(tiny_models: dict[str, Path]) -> None:
     expected = offline_tokens(tiny_models["opt"])
     service = EngineService(lambda: build_engine(config_for(tiny_models["opt"]))[0])
 
+    ended: list[tuple[str, str]] = []
+
     async def scenario() -> dict[str, list[int]]:
         for i, prompt in enumerate(PROMPTS):
             await service.add_request("caller", f"r{i}", prompt, GREEDY)
         await service.add_request("caller", "gone", [4, 4, 4], SamplingParams(temperature=0, max_tokens=200))
-        await service.abort("gone")
+        await service.abort("gone")  # as another ingress replica would: its caller must still learn it
         tokens: dict[str, list[int]] = {}
         deadline = time.monotonic() + 60
         while len(tokens) < len(PROMPTS) and time.monotonic() < deadline:
             for out in await service.poll("caller", timeout_s=1.0):
-                assert not isinstance(out, tuple), out
-                if out.finished and out.request_id != "gone":
+                if isinstance(out, tuple):
+                    ended.append(out)
+                elif out.finished and out.request_id != "gone":
                     tokens[out.request_id] = out.token_ids
         return tokens
 
     try:
         tokens = asyncio.run(scenario())
         assert [tokens[f"r{i}"] for i in range(len(PROMPTS))] == expected
+        assert ended == [("gone", ABORTED)]
         deadline = time.monotonic() + 10
         while service.engine.stats().cache.num_free != 64 and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from cluster.errors import ReplicaFailed, RequestAborted
 from hybrid_cache.plan import CacheType, SamplingParams
 from scheduler_service.async_engine import outputs_from
-from scheduler_service.engine import EngineStats, QueueFull
+from scheduler_service.engine import DuplicateRequestId, EngineStats, QueueFull
 from scheduler_service.request import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ class RemoteRequestError(ReplicaFailed):
 # aborted by another caller, comes back as "<exception name>: <message>": these names map to what the
 # stream raises; any other is a failure of the replica.
 _REFUSALS: dict[str, type[Exception]] = {"QueueFull": QueueFull, "ValueError": ValueError,
-                                         "HiddenCacheUnavailable": ValueError, "RequestAborted": RequestAborted}
+                                         "HiddenCacheUnavailable": ValueError, "RequestAborted": RequestAborted,
+                                         "DuplicateRequestId": DuplicateRequestId}
 
 
 def _stream_error(message: str) -> Exception:

@@ -18,7 +18,7 @@ import grpc
 from cluster.ray_runtime import ACTOR_FAILURES, unwrap_remote
 from hybrid_cache.layout import HiddenCacheUnavailable
 from scheduler_service.async_engine import EngineDeadError
-from scheduler_service.engine import QueueFull
+from scheduler_service.engine import DuplicateRequestId, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,6 @@ class RequestTimeout(Exception):
 
 class RequestAborted(Exception):
     """The request was aborted (gRPC `Abort`) while its stream was open (gRPC CANCELLED)."""
-
-
-class DuplicateRequestId(ValueError):
-    """A client-chosen request id is already in flight (gRPC ALREADY_EXISTS); nothing else is touched."""
 
 
 class NoHealthyReplica(RuntimeError):

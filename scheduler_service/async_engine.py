@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from hybrid_cache.plan import CacheType, SamplingParams
-from scheduler_service.engine import Engine, EngineStats, QueueFull
+from scheduler_service.engine import DuplicateRequestId, Engine, EngineStats, QueueFull
 from scheduler_service.request import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class AsyncEngine:
                 raise EngineDeadError("the engine loop is not running")
             self.engine.check_capacity(queued_elsewhere=sum(isinstance(item, _Add) for item in self._inbox))
             if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
+                raise DuplicateRequestId(f"request id {request_id!r} is already in use")
             self._streams[request_id] = _Stream(asyncio.get_running_loop(), queue)
             self._inbox.append(_Add(request_id, prompt, params, override, ttft_slo_s, tbt_slo_s, arrival))
             self._cond.notify()

@@ -68,6 +68,10 @@ class QueueFull(RuntimeError):
     """The waiting queue holds `max_waiting` requests: retry later (HTTP 503 with Retry-After)."""
 
 
+class DuplicateRequestId(ValueError):
+    """A client-chosen request id is already in flight (HTTP 409, gRPC ALREADY_EXISTS); nothing else is touched."""
+
+
 # Why a request was aborted: its client went away or asked (`client`), the serving layer's request
 # timeout ran out (`timeout`), or the server ended it (`server`, e.g. a caller that stopped polling).
 ABORT_REASONS = ("client", "timeout", "server")
@@ -145,7 +149,7 @@ class Engine:
         params = params or SamplingParams()
         try:
             if request_id is not None and request_id in self.requests:
-                raise ValueError(f"request id {request_id!r} is already in use")
+                raise DuplicateRequestId(f"request id {request_id!r} is already in use")
             prompt, override = self.validate(prompt_token_ids, params, cache_type, ttft_slo_s, tbt_slo_s)
         except ValueError:
             self.count_rejection("invalid")
@@ -447,4 +451,4 @@ class Engine:
         return dict(self._executor_timings)
 
 
-__all__ = ["ABORT_REASONS", "Engine", "EngineStats", "QueueFull"]
+__all__ = ["ABORT_REASONS", "DuplicateRequestId", "Engine", "EngineStats", "QueueFull"]

@@ -16,6 +16,7 @@ from hybrid_cache import SamplingParams
 from hybrid_cache.plan import BatchPlan, CacheType
 from scheduler_service import Engine, QueueFull, SchedulerConfig
 from scheduler_service.async_engine import AsyncEngine, EngineDeadError
+from scheduler_service.engine import DuplicateRequestId
 from scheduler_service.engine_service import EngineService
 from scheduler_service.executor import SequenceFailed
 
@@ -202,6 +203,17 @@ def test_out_of_vocabulary_stop_token_ids_are_refused() -> None:
     with pytest.raises(ValueError, match="stop_token_ids"):
         engine.add_request([5], SamplingParams(stop_token_ids=[100]))
     assert engine.stats().num_rejected == {"invalid": 1, "queue_full": 0}
+    assert_idle_and_empty(engine)
+
+
+def test_a_duplicate_request_id_is_its_own_refusal_and_harms_nothing() -> None:
+    """Its own type (not a plain ValueError), so every front end answers it as ALREADY_EXISTS / 409."""
+    engine = make_engine()
+    engine.add_request([5, 6], LONG, request_id="mine")
+    with pytest.raises(DuplicateRequestId, match="already in use"):
+        engine.add_request([7], LONG, request_id="mine")
+    outputs = run_to_end(engine)
+    assert outputs["mine"].finish_reason == "length" and outputs["mine"].prompt_token_ids == [5, 6]
     assert_idle_and_empty(engine)
 
 

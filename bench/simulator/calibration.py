@@ -1,11 +1,11 @@
-"""Readers of the published GPU measurements in `../shared/calibration/` (see its README for sources).
+"""Readers of the published GPU measurements in `calibration/` (its README gives sources and licenses).
 
 - `fitted_coefficients`: DistServe's fits of vLLM's step time on A100-80GB (milliseconds);
 - `kv_capacity_tokens`: tokens of KV cache that fit, per model and TP degree (DistServe);
 - `VidurTable`: Microsoft Vidur's per-operation times (ms) by token count and TP degree, and its
   all-reduce times by bytes and GPUs on DGX nodes.
 
-The folder is found from `$APTSERVE_CALIBRATION`, else `../shared/calibration` beside the repository.
+The folder is `$APTSERVE_CALIBRATION` if set, else the repository's `calibration/`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 def calibration_dir() -> Path:
     """The calibration folder; FileNotFoundError saying where it was looked for if absent."""
     env = os.environ.get("APTSERVE_CALIBRATION")
-    path = Path(env) if env else REPO.parent / "shared" / "calibration"
+    path = Path(env) if env else REPO / "calibration"
     if not path.is_dir():
         raise FileNotFoundError(f"calibration data not found at {path} (set APTSERVE_CALIBRATION)")
     return path

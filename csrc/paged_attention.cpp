@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -86,6 +87,114 @@ inline void load_f32<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_
   for (int64_t i = 0; i < d; ++i) o[i] = static_cast<uint32_t>(s[i]) << 16;
 }
 
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
+#include <immintrin.h>
+#define APT_FAST 1
+
+// The sums of 16 vectors, one per lane, in order: r[j] = sum of a[j]'s lanes (a shuffle tree, 3 ops a key
+// instead of a full horizontal reduction per key).
+inline __m512 reduce16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_unpacklo_ps(c[2 * i], c[2 * i + 1]), _mm512_unpackhi_ps(c[2 * i], c[2 * i + 1]));
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // Lane 4k+p of e holds key 4p+k.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, e);
+}
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// Scores of one query row (fp32, scaled) against 16 keys read where they lie; d % 16 == 0.
+template <typename T>
+inline void scores16(const float* q, const T* const* keys, int64_t d, float* out) {
+  __m512 a[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) a[j] = _mm512_setzero_ps();
+  for (int64_t x = 0; x < d; x += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + x);
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) a[j] = _mm512_fmadd_ps(qv, load16(keys[j] + x), a[j]);
+  }
+  _mm512_storeu_ps(out, reduce16(a));
+}
+
+#if defined(__AVX512BF16__)
+#define APT_BF16_DOT 1
+// Scores of one bf16 query row (unscaled) against 16 bf16 keys: native bf16 pair products (exact in
+// fp32), fp32 accumulation; d % 32 == 0.
+inline void scores16_bf16(const c10::BFloat16* q, const c10::BFloat16* const* keys, int64_t d, float scale,
+                          float* out) {
+  __m512 a[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) a[j] = _mm512_setzero_ps();
+  for (int64_t x = 0; x < d; x += 32) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + x);
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) a[j] = _mm512_dpbf16_ps(a[j], qv, (__m512bh)_mm512_loadu_si512(keys[j] + x));
+  }
+  _mm512_storeu_ps(out, _mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale)));
+}
+#endif
+
+// acc = acc * alpha + sum_j p[j] * v[j], values read where they lie; d % 16 == 0.
+template <typename T>
+inline void accumulate_inplace(float* acc, float alpha, const float* p, const T* const* values, int64_t n,
+                               int64_t d) {
+  const __m512 al = _mm512_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 64 <= d; i += 64) {
+    __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(acc + i), al), a1 = _mm512_mul_ps(_mm512_loadu_ps(acc + i + 16), al);
+    __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(acc + i + 32), al), a3 = _mm512_mul_ps(_mm512_loadu_ps(acc + i + 48), al);
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      const T* v = values[j] + i;
+      a0 = _mm512_fmadd_ps(pj, load16(v), a0);
+      a1 = _mm512_fmadd_ps(pj, load16(v + 16), a1);
+      a2 = _mm512_fmadd_ps(pj, load16(v + 32), a2);
+      a3 = _mm512_fmadd_ps(pj, load16(v + 48), a3);
+    }
+    _mm512_storeu_ps(acc + i, a0);
+    _mm512_storeu_ps(acc + i + 16, a1);
+    _mm512_storeu_ps(acc + i + 32, a2);
+    _mm512_storeu_ps(acc + i + 48, a3);
+  }
+  for (; i < d; i += 16) {
+    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc + i), al);
+    for (int64_t j = 0; j < n; ++j) a = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(values[j] + i), a);
+    _mm512_storeu_ps(acc + i, a);
+  }
+}
+#endif
+
+// Fetch the K/V rows of keys [from, to) of one head into L1 ahead of use.
+template <typename T>
+inline void prefetch_kv(const T* k, const T* v, const int32_t* table, int64_t block_size, int64_t kb, int64_t kt,
+                        int64_t vb, int64_t vt, int64_t row_bytes, int64_t from, int64_t to) {
+  for (int64_t pos = from; pos < to; ++pos) {
+    const int64_t block = table[pos / block_size], offset = pos % block_size;
+    const char* kr = reinterpret_cast<const char*>(k + block * kb + offset * kt);
+    const char* vr = reinterpret_cast<const char*>(v + block * vb + offset * vt);
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      // (asm: GCC drops a loop of nothing but __builtin_prefetch as free of side effects)
+      asm volatile("prefetcht0 %0" : : "m"(*(kr + b)));
+      asm volatile("prefetcht0 %0" : : "m"(*(vr + b)));
+    }
+  }
+}
+
 template <typename scalar_t, typename out_t>
 void paged_attention_impl(
     at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -120,11 +229,33 @@ void paged_attention_impl(
   const int64_t num_items = static_cast<int64_t>(tile_seq.size()) * num_kv_heads;
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
+  // Fast path (AVX-512, fp32 or bf16, head_dim a multiple of 16): K/V read in place, 16 keys scored per
+  // pass; bf16 keys use the native bf16 dot product where the CPU has one (head_dim a multiple of 32).
+  constexpr bool kFastType = std::is_same<scalar_t, float>::value || std::is_same<scalar_t, c10::BFloat16>::value;
+#ifdef APT_FAST
+  const bool fast = kFastType && head_dim % 16 == 0;
+#else
+  const bool fast = false;
+#endif
+#ifdef APT_BF16_DOT
+  const bool bf16_dot = std::is_same<scalar_t, c10::BFloat16>::value && head_dim % 32 == 0;
+#endif
+
   at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+    const scalar_t* kptr[kKeyTile];
+    const scalar_t* vptr[kKeyTile];
     const int64_t rows_max = kQueryTile * group;
     std::vector<float> qf(rows_max * head_dim), acc(rows_max * head_dim), m(rows_max), l(rows_max);
     std::vector<float> kf(kKeyTile * head_dim), vf(kKeyTile * head_dim), scores(kKeyTile);
     std::fill(kf.begin(), kf.end(), 0.f);  // keys past a tile's end score garbage-free zeros (masked anyway)
+    const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(scalar_t));
+    auto prefetch_rows = [&](const int32_t* table, int64_t kvh, int64_t from, int64_t to) {
+      prefetch_kv(kp + kvh * kh, vp + kvh * vh, table, block_size, kb, kt, vb, vt, row_bytes, from, to);
+    };
+    if (fast && begin < end) {
+      const int64_t s0 = tile_seq[begin / num_kv_heads];
+      prefetch_rows(tables + s0 * table_stride, begin % num_kv_heads, 0, std::min<int64_t>(kvlens[s0], kKeyTile));
+    }
     for (int64_t item = begin; item < end; ++item) {
       const int64_t tile = item / num_kv_heads, kvh = item % num_kv_heads;
       const int64_t s = tile_seq[tile], first = tile_first[tile];
@@ -146,22 +277,60 @@ void paged_attention_impl(
       const int64_t key_end = std::min<int64_t>(nkv, causal ? first + nq - 1 + shift + 1 : nkv);
       for (int64_t j0 = 0; j0 < key_end; j0 += kKeyTile) {
         const int64_t nk = std::min<int64_t>(kKeyTile, key_end - j0);
-        for (int64_t j = 0; j < nk; ++j) {
-          const int64_t pos = j0 + j;
-          const int64_t block = table[pos / block_size], offset = pos % block_size;
-          load_f32(kp + block * kb + offset * kt + kvh * kh, kf.data() + j * head_dim, head_dim);
-        }
-        for (int64_t j = 0; j < nk; ++j) {
-          const int64_t pos = j0 + j;
-          const int64_t block = table[pos / block_size], offset = pos % block_size;
-          load_f32(vp + block * vb + offset * vt + kvh * vh, vf.data() + j * head_dim, head_dim);
+        if (fast) {
+          // Keys past the tile's end point at its last key (finite scores, masked below).
+          for (int64_t j = 0; j < kKeyTile; ++j) {
+            const int64_t pos = j0 + std::min<int64_t>(j, nk - 1);
+            const int64_t block = table[pos / block_size], offset = pos % block_size;
+            kptr[j] = kp + block * kb + offset * kt + kvh * kh;
+            vptr[j] = vp + block * vb + offset * vt + kvh * vh;
+          }
+          // Rows of one head lie a whole token apart in the cache (strided, block by block): fetch the
+          // next tile's K/V rows while this one is scored (and the next work item's first tile).
+          if (j0 + kKeyTile < key_end) {
+            prefetch_rows(table, kvh, j0 + kKeyTile, std::min<int64_t>(key_end, j0 + 2 * kKeyTile));
+          } else if (item + 1 < end) {
+            const int64_t tile1 = (item + 1) / num_kv_heads, kvh1 = (item + 1) % num_kv_heads;
+            const int64_t s1 = tile_seq[tile1];
+            prefetch_rows(tables + s1 * table_stride, kvh1, 0, std::min<int64_t>(kvlens[s1], kKeyTile));
+          }
+        } else {
+          for (int64_t j = 0; j < nk; ++j) {
+            const int64_t pos = j0 + j;
+            const int64_t block = table[pos / block_size], offset = pos % block_size;
+            load_f32(kp + block * kb + offset * kt + kvh * kh, kf.data() + j * head_dim, head_dim);
+          }
+          for (int64_t j = 0; j < nk; ++j) {
+            const int64_t pos = j0 + j;
+            const int64_t block = table[pos / block_size], offset = pos % block_size;
+            load_f32(vp + block * vb + offset * vt + kvh * vh, vf.data() + j * head_dim, head_dim);
+          }
         }
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t visible = causal ? std::min<int64_t>(nk, first + i + shift + 1 - j0) : nk;
           if (visible <= 0) continue;
           for (int64_t g = 0; g < group; ++g) {
             const int64_t r = i * group + g;
-            key_scores(qf.data() + r * head_dim, kf.data(), visible, head_dim, scores.data());
+            if (fast) {
+#ifdef APT_FAST
+              if constexpr (kFastType) {
+#ifdef APT_BF16_DOT
+                if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+                  if (bf16_dot) {
+                    const scalar_t* qrow = qp + (starts[s] + first + i) * qs0 + (kvh * group + g) * qs1;
+                    for (int64_t c = 0; c < kKeyTile; c += 16)
+                      scores16_bf16(qrow, kptr + c, head_dim, static_cast<float>(scale), scores.data() + c);
+                  }
+                }
+                if (!bf16_dot)
+#endif
+                  for (int64_t c = 0; c < kKeyTile; c += 16)
+                    scores16(qf.data() + r * head_dim, kptr + c, head_dim, scores.data() + c);
+              }
+#endif
+            } else {
+              key_scores(qf.data() + r * head_dim, kf.data(), visible, head_dim, scores.data());
+            }
             for (int64_t j = visible; j < kKeyTile; ++j) scores[j] = neg_inf;
             Vec top_vec = Vec::loadu(scores.data());
             for (int64_t c = Vec::size(); c < kKeyTile; c += Vec::size())
@@ -179,7 +348,13 @@ void paged_attention_impl(
             const float sum = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, sum_vec);
             l[r] = l[r] * alpha + sum;
             m[r] = m_new;
-            scale_accumulate(acc.data() + r * head_dim, alpha, scores.data(), vf.data(), visible, head_dim);
+            if (fast) {
+#ifdef APT_FAST
+              if constexpr (kFastType) accumulate_inplace(acc.data() + r * head_dim, alpha, scores.data(), vptr, visible, head_dim);
+#endif
+            } else {
+              scale_accumulate(acc.data() + r * head_dim, alpha, scores.data(), vf.data(), visible, head_dim);
+            }
           }
         }
       }

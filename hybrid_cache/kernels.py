@@ -37,8 +37,10 @@ def _cpu_flags() -> list[str]:
     except OSError:
         flags = set()
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                "-mavx512dq", "-mfma", "-mf16c"]
+        avx512 = ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                  "-mavx512dq", "-mfma", "-mf16c"]
+        # Native bf16 dot products (VDPBF16PS) for bf16 attention scores; without it the kernel converts.
+        return avx512 + (["-mavx512bf16"] if "avx512_bf16" in flags else [])
     if {"avx2", "fma"} <= flags:
         return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
     return []

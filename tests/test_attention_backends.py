@@ -25,8 +25,11 @@ def _reference(q, k, v, scale, causal):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "block"), [(4, 4, 16, 4), (6, 2, 64, 32), (3, 1, 24, 1)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "block"), [(4, 4, 16, 4), (6, 2, 64, 32), (3, 1, 24, 1), (8, 2, 128, 16), (2, 2, 48, 16)])
 def test_variable_length_batch_reads_blocks_in_place(dtype, heads, kv_heads, dim, block) -> None:  # type: ignore[no-untyped-def]
+    # Head sizes cover each kernel path: AVX-512 in place (multiples of 16; bf16 dot products where a
+    # multiple of 32 and the CPU has AVX512-BF16; 128 = two 64-wide accumulator passes, 48 a 16-wide
+    # tail) and the generic converted path (24).
     backend = CpuPagedBackend()
     g = torch.Generator().manual_seed(0)
     # Decodes, a prefill, prefills over cached context, one past a query tile (16) and a key tile (32).

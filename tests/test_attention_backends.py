@@ -24,8 +24,13 @@ def _reference(q, k, v, scale, causal):  # type: ignore[no-untyped-def]
     return out.transpose(0, 1)
 
 
+# Head sizes that reach every path: the AVX-512 loop (16, 64, 128), bf16 dot products (64, 128), the
+# 16-wide tail (48) and the generic path (24).
+SHAPES = [(4, 4, 16, 4), (6, 2, 64, 32), (3, 1, 24, 1), (8, 2, 128, 16), (2, 2, 48, 16)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "block"), [(4, 4, 16, 4), (6, 2, 64, 32), (3, 1, 24, 1), (8, 2, 128, 16), (2, 2, 48, 16)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "block"), SHAPES)
 def test_variable_length_batch_reads_blocks_in_place(dtype, heads, kv_heads, dim, block) -> None:  # type: ignore[no-untyped-def]
     # Head sizes cover each kernel path: AVX-512 in place (multiples of 16; bf16 dot products where a
     # multiple of 32 and the CPU has AVX512-BF16; 128 = two 64-wide accumulator passes, 48 a 16-wide

@@ -13,6 +13,7 @@ from hybrid_cache import CacheLayout, SamplingParams
 from hybrid_cache.info import CostModel, StepCostModel, WorkerInfo
 from hybrid_cache.plan import BatchPlan
 from scheduler_service import Engine, QueueFull, SchedulerConfig
+from scheduler_service.engine import EngineStats
 
 LAYOUT = CacheLayout(num_layers=2, hidden_size=64, num_kv_heads=4, head_dim=16, block_size=4, dtype_bytes=4)
 EOS = 2
@@ -114,6 +115,16 @@ ALPHAS = [1e-5, 1e-3, 0.1]  # seconds of recompute per block of hidden history
 SHORT_ITERATIONS = 1_500
 
 
+def assert_every_request_ended(engine: Engine, added: set[str], ended: dict[str, str]) -> EngineStats:
+    """No request lost, none failed, no block leaked, no policy fallback or failed step; the final stats."""
+    assert set(ended) == added, f"{len(added - set(ended))} requests lost"
+    assert set(ended.values()) <= {"stop", "length", "abort"}
+    assert engine.cache.num_free == engine.cache.num_blocks, "blocks leaked"
+    stats = engine.stats()
+    assert stats.num_policy_fallbacks == 0 and stats.num_failed_steps == 0
+    return stats
+
+
 @pytest.mark.parametrize("alpha", ALPHAS)
 @pytest.mark.parametrize("cache_mode", ["kv", "hidden", "hybrid"])
 @pytest.mark.parametrize("policy", ["fcfs", "apt"])
@@ -162,11 +173,7 @@ def test_soak_tiny_budgets_and_overrides(policy: str, cache_mode: str, alpha: fl
             break
         clock.now += 0.01
         step()
-    assert set(ended) == added, f"{len(added - set(ended))} requests lost"
-    assert set(ended.values()) <= {"stop", "length", "abort"}
-    assert engine.cache.num_free == engine.cache.num_blocks, "blocks leaked"
-    stats = engine.stats()
-    assert stats.num_policy_fallbacks == 0 and stats.num_failed_steps == 0
+    stats = assert_every_request_ended(engine, added, ended)
     assert stats.num_rejected == refused
     assert stats.metrics.slo_judged == len(added) + refused["queue_full"]
     assert added, "the soak must run requests"
@@ -266,11 +273,7 @@ def test_soak_chunked_prefill(policy: str, cache_mode: str, mixed: bool) -> None
         if not engine.has_unfinished():
             break
         step()
-    assert set(ended) == added, f"{len(added - set(ended))} requests lost"
-    assert set(ended.values()) <= {"stop", "length", "abort"}
-    assert engine.cache.num_free == engine.cache.num_blocks, "blocks leaked"
-    stats = engine.stats()
-    assert stats.num_policy_fallbacks == 0 and stats.num_failed_steps == 0
+    stats = assert_every_request_ended(engine, added, ended)
     assert executor.chunks > 0, "the token budget was meant to split prompts"
     # Mixed steps carry decodes and prompt chunks together; the paper's structure never does.
     assert (executor.mixed_batches > 0) == mixed, executor.mixed_batches

@@ -9,13 +9,18 @@ from __future__ import annotations
 import enum
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # vLLM's convention: a temperature below this is greedy (normalised to exactly 0.0).
 SAMPLING_EPS = 1e-5
 # Seeds and top_k travel as int64 (`plan_codec`); the codec's -1 means "unseeded", so seeds are >= 0.
 MAX_INT64 = 2**63 - 1
+# OpenAI's bounds: at most 20 alternatives per token (`top_logprobs`), penalties in [-2, 2], a logit
+# bias in [-100, 100].
+MAX_LOGPROBS = 20
+MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
 
 
 class CacheType(str, enum.Enum):
@@ -57,7 +62,22 @@ class SamplingParams:
     - `top_k`: an int >= -1 (and <= 2**63 - 1); -1 and 0 disable it (-1 is normalised to 0).
     - `seed`: None (unseeded) or an int in [0, 2**63 - 1].
     - `stop`: non-empty strings; `stop_token_ids`: ints >= 0 (the engine checks them against the vocabulary).
-    - `ignore_eos`: a bool.
+    - `ignore_eos`, `include_stop_str_in_output`: bools (the latter keeps a matched stop string in the text).
+    - `presence_penalty`, `frequency_penalty`: finite floats in [-2, 2], subtracted from the logit of
+      every token already generated (once, or once per occurrence); 0 disables them.
+    - `repetition_penalty`: a finite float > 0 (transformers' and vLLM's: the logit of every token in the
+      prompt or the output is divided by it when positive, multiplied when negative); 1 disables it.
+    - `logit_bias`: token id -> bias in [-100, 100], added to that token's logit; given as a mapping or
+      pairs, kept as sorted `(token id, bias)` pairs (ids >= 0; the engine checks them against the vocabulary).
+    - `min_p`: a finite float in [0, 1]: tokens less likely than `min_p` times the likeliest are dropped.
+    - `min_tokens`: an int in [0, max_tokens]: EOS and `stop_token_ids` cannot be sampled, and stop
+      strings do not end the request, before that many tokens.
+    - `logprobs`: None, or how many alternatives (0..20) to report with each sampled token's log
+      probability. Log probabilities are those of the model's raw logits (before penalties, bias and
+      temperature), as vLLM reports by default.
+
+    Penalties, bias and `min_tokens` change the logits before the choice, so they apply to greedy
+    requests too; `min_p`, like `top_p` and `top_k`, cannot change an argmax.
     """
 
     max_tokens: int = 16
@@ -68,6 +88,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalised values are written with object.__setattr__.
@@ -91,10 +119,27 @@ class SamplingParams:
         seed = None if self.seed is None else _integer("seed", self.seed)
         if seed is not None and not 0 <= seed <= MAX_INT64:
             raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        penalties = {name: _real(name, getattr(self, name)) for name in ("presence_penalty", "frequency_penalty")}
+        for name, value in penalties.items():
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        repetition_penalty = _real("repetition_penalty", self.repetition_penalty)
+        if not repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        min_p = _real("min_p", self.min_p)
+        if not 0.0 <= min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        min_tokens = _integer("min_tokens", self.min_tokens)
+        if not 0 <= min_tokens <= max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={max_tokens}], got {self.min_tokens!r}")
+        logprobs = None if self.logprobs is None else _integer("logprobs", self.logprobs)
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if temperature < SAMPLING_EPS:  # greedy: the filters cannot change an argmax
-            temperature, top_p, top_k = 0.0, 1.0, 0
+            temperature, top_p, top_k, min_p = 0.0, 1.0, 0, 0.0
         return {
             "max_tokens": max_tokens,
             "temperature": temperature,
@@ -103,11 +148,23 @@ class SamplingParams:
             "seed": seed,
             "stop": _stop_strings(self.stop),
             "stop_token_ids": _stop_token_ids(self.stop_token_ids),
+            **penalties,
+            "repetition_penalty": repetition_penalty,
+            "logit_bias": _logit_bias(self.logit_bias),
+            "min_p": min_p,
+            "min_tokens": min_tokens,
+            "logprobs": logprobs,
         }
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties, a bias or `min_tokens` change this request's logits before the choice."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (construction already did: kept for callers)."""
@@ -130,6 +187,26 @@ def _stop_token_ids(ids: object) -> tuple[int, ...]:
         if token < 0:
             raise ValueError(f"stop_token_ids must be token ids (>= 0), got {token!r}")
     return tokens
+
+
+def _logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    """Sorted (token id, bias) pairs from a mapping (JSON keys may be strings of digits) or pairs."""
+    items = bias.items() if isinstance(bias, Mapping) else _sequence("logit_bias", bias)
+    pairs: dict[int, float] = {}
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"logit_bias must map token ids to numbers, got {item!r}")
+        key, value = item
+        if isinstance(key, str) and key.strip().isdigit():
+            key = int(key)
+        token = _integer("logit_bias", key)
+        if token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (>= 0), got {key!r}")
+        number = _real("logit_bias", value)
+        if not -MAX_LOGIT_BIAS <= number <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {value!r}")
+        pairs[token] = number
+    return tuple(sorted(pairs.items()))
 
 
 def _sequence(name: str, value: object) -> tuple[object, ...]:
@@ -178,3 +255,34 @@ class BatchPlan:
     seqs: list[SequencePlan]
     finished_seq_ids: list[int] = field(default_factory=list)
 
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log probability under the model's raw logits, its rank (1: the likeliest),
+    and the `SamplingParams.logprobs` likeliest tokens with theirs, likeliest first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class SampledTokens(list):  # list[int]: what every executor returns, with optional extras
+    """One sampled token id per sequence, in plan order: a plain list of ints, so every executor (and
+    every stand-in) can return one; the model runner's also carries `logprobs`, per sequence a
+    `TokenLogprobs` or None (not asked for), or None for the whole step when no sequence asked."""
+
+    logprobs: list[TokenLogprobs | None] | None = None
+
+    def __init__(self, token_ids: Iterable[int], logprobs: list[TokenLogprobs | None] | None = None) -> None:
+        super().__init__(token_ids)
+        self.logprobs = logprobs
+
+    def __reduce__(self) -> tuple[object, ...]:  # pickles (Ray) with its logprobs
+        return (SampledTokens, (list(self), self.logprobs))
+
+
+def logprobs_of(tokens: Sequence[int]) -> list[TokenLogprobs | None] | None:
+    """The per-sequence logprobs an executor returned with `tokens` (None: none asked for, or a plain list)."""
+    return tokens.logprobs if isinstance(tokens, SampledTokens) else None

@@ -2,9 +2,11 @@
 
 Lists of Python objects cost a pickle per field per request; these arrays cost one buffer each.
 Only what workers read travels: token ids, positions, block tables, cache types, conversions and the
-sampling fields (stop conditions stay with the engine). Every value `SamplingParams` accepts survives a
-round trip unchanged: temperature and top_p as float64 (exact for Python floats), top_k and seed as
-int64 (`SamplingParams` bounds both by 2**63 - 1 and refuses negative seeds, so -1 can mean "unseeded").
+sampling fields the sampler reads (stop strings stay with the engine; stop token ids and `ignore_eos`
+travel because `min_tokens` masks them). Every value `SamplingParams` accepts survives a round trip
+unchanged: floats as float64 (exact for Python floats), top_k and seed as int64 (`SamplingParams`
+bounds both by 2**63 - 1 and refuses negative seeds, so -1 can mean "unseeded"; `logprobs` is at most
+20, so -1 means "none").
 """
 
 from __future__ import annotations
@@ -13,10 +15,20 @@ import itertools
 
 import numpy as np
 
-from hybrid_cache.plan import BatchPlan, CacheType, Conversion, SamplingParams, SequencePlan
+from hybrid_cache.plan import (
+    BatchPlan,
+    CacheType,
+    Conversion,
+    SampledTokens,
+    SamplingParams,
+    SequencePlan,
+    TokenLogprobs,
+)
 
 EncodedPlan = dict[str, np.ndarray]
 UNSEEDED = -1
+NO_LOGPROBS = -1
+_FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")
 _TYPES = (CacheType.KV, CacheType.HIDDEN)
 
 
@@ -35,6 +47,10 @@ def encode_plan(plan: BatchPlan) -> EncodedPlan:
     blocks, block_offsets = _ragged([s.block_table for s in seqs])
     hidden, hidden_offsets = _ragged([c.hidden_blocks if c else [] for c in conversions])
     kv, kv_offsets = _ragged([c.kv_blocks if c else [] for c in conversions])
+    params = [s.sampling for s in seqs]
+    stop_ids, stop_offsets = _ragged([p.stop_token_ids for p in params])
+    bias_ids, bias_offsets = _ragged([[token for token, _ in p.logit_bias] for p in params])
+    biases = [bias for p in params for _, bias in p.logit_bias]
     return {
         "seq_id": np.array([s.seq_id for s in seqs], dtype=np.int64),
         "start_pos": np.array([s.start_pos for s in seqs], dtype=np.int64),
@@ -44,10 +60,15 @@ def encode_plan(plan: BatchPlan) -> EncodedPlan:
         "conversion_tokens": np.array([c.num_tokens if c else -1 for c in conversions], dtype=np.int64),
         "conversion_hidden": hidden, "conversion_hidden_offsets": hidden_offsets,
         "conversion_kv": kv, "conversion_kv_offsets": kv_offsets,
-        "temperature": np.array([s.sampling.temperature for s in seqs], dtype=np.float64),
-        "top_p": np.array([s.sampling.top_p for s in seqs], dtype=np.float64),
-        "top_k": np.array([s.sampling.top_k for s in seqs], dtype=np.int64),
-        "seed": np.array([UNSEEDED if s.sampling.seed is None else s.sampling.seed for s in seqs], dtype=np.int64),
+        **{name: np.array([getattr(p, name) for p in params], dtype=np.float64) for name in _FLOATS},
+        "top_k": np.array([p.top_k for p in params], dtype=np.int64),
+        "seed": np.array([UNSEEDED if p.seed is None else p.seed for p in params], dtype=np.int64),
+        "min_tokens": np.array([p.min_tokens for p in params], dtype=np.int64),
+        "logprobs": np.array([NO_LOGPROBS if p.logprobs is None else p.logprobs for p in params], dtype=np.int64),
+        "ignore_eos": np.array([p.ignore_eos for p in params], dtype=np.bool_),
+        "stop_token_ids": stop_ids, "stop_token_offsets": stop_offsets,
+        "logit_bias_ids": bias_ids, "logit_bias_offsets": bias_offsets,
+        "logit_bias": np.array(biases, dtype=np.float64),
         "finished_seq_ids": np.array(plan.finished_seq_ids, dtype=np.int64),
     }
 
@@ -59,14 +80,54 @@ def decode_plan(arrays: EncodedPlan) -> BatchPlan:
 
     tokens, blocks = rows("tokens", "token_offsets"), rows("blocks", "block_offsets")
     hidden, kv = rows("conversion_hidden", "conversion_hidden_offsets"), rows("conversion_kv", "conversion_kv_offsets")
+    stop_ids, bias_ids = rows("stop_token_ids", "stop_token_offsets"), rows("logit_bias_ids", "logit_bias_offsets")
+    biases, bias_offsets = arrays["logit_bias"].tolist(), arrays["logit_bias_offsets"].tolist()
+    bias_values = [biases[bias_offsets[i] : bias_offsets[i + 1]] for i in range(len(bias_offsets) - 1)]
+    floats = list(zip(*(arrays[k].tolist() for k in _FLOATS)))
     seqs = []
-    for i, (seq_id, start, kind, conv_tokens, temperature, top_p, top_k, seed) in enumerate(
-        zip(*(arrays[k].tolist() for k in
-              ("seq_id", "start_pos", "cache_type", "conversion_tokens", "temperature", "top_p", "top_k", "seed")))
+    for i, (seq_id, start, kind, conv_tokens, top_k, seed, min_tokens, logprobs, ignore_eos) in enumerate(
+        zip(*(arrays[k].tolist() for k in ("seq_id", "start_pos", "cache_type", "conversion_tokens", "top_k",
+                                            "seed", "min_tokens", "logprobs", "ignore_eos")))
     ):
         sampling = SamplingParams(
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=None if seed == UNSEEDED else seed
+            # max_tokens stays with the engine: the default here, or as large as min_tokens needs.
+            max_tokens=max(SamplingParams.max_tokens, min_tokens), top_k=top_k, seed=None if seed == UNSEEDED else seed,
+            min_tokens=min_tokens, logprobs=None if logprobs == NO_LOGPROBS else logprobs, ignore_eos=ignore_eos,
+            stop_token_ids=tuple(stop_ids[i]), logit_bias=tuple(zip(bias_ids[i], bias_values[i])),
+            **dict(zip(_FLOATS, floats[i])),
         )
         conversion = Conversion(hidden[i], kv[i], conv_tokens) if conv_tokens >= 0 else None
         seqs.append(SequencePlan(seq_id, tokens[i], start, _TYPES[kind], blocks[i], sampling, conversion))
     return BatchPlan(seqs, arrays["finished_seq_ids"].tolist())
+
+
+def encode_sampled(tokens: list[int]) -> EncodedPlan:
+    """A step's answer as flat arrays: the token ids, and the logprobs a `SampledTokens` carries
+    (`decode_sampled` restores both; a plain list comes back as a `SampledTokens` without logprobs)."""
+    arrays = {"tokens": np.asarray(tokens, dtype=np.int64)}
+    logprobs = tokens.logprobs if isinstance(tokens, SampledTokens) else None
+    if logprobs is None:
+        return arrays
+    given = [lp for lp in logprobs if lp is not None]
+    top_ids, top_offsets = _ragged([[t for t, _ in lp.top] for lp in given])
+    return arrays | {
+        "logprob_rows": np.array([i for i, lp in enumerate(logprobs) if lp is not None], dtype=np.int64),
+        "logprob": np.array([lp.logprob for lp in given], dtype=np.float64),
+        "logprob_rank": np.array([lp.rank for lp in given], dtype=np.int64),
+        "top_ids": top_ids, "top_offsets": top_offsets,
+        "top_logprobs": np.array([v for lp in given for _, v in lp.top], dtype=np.float64),
+    }
+
+
+def decode_sampled(arrays: EncodedPlan) -> SampledTokens:
+    tokens = arrays["tokens"].tolist()
+    if "logprob_rows" not in arrays:
+        return SampledTokens(tokens)
+    logprobs: list[TokenLogprobs | None] = [None] * len(tokens)
+    ids, values, offsets = arrays["top_ids"].tolist(), arrays["top_logprobs"].tolist(), arrays["top_offsets"].tolist()
+    for j, (row, logprob, rank) in enumerate(
+        zip(*(arrays[k].tolist() for k in ("logprob_rows", "logprob", "logprob_rank")))
+    ):
+        top = tuple(zip(ids[offsets[j] : offsets[j + 1]], values[offsets[j] : offsets[j + 1]]))
+        logprobs[row] = TokenLogprobs(tokens[row], logprob, rank, top)
+    return SampledTokens(tokens, logprobs)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from hybrid_cache.layout import HiddenCacheUnavailable
 from hybrid_cache.manager import CacheManager, CacheUsage
-from hybrid_cache.plan import BatchPlan, CacheType, SamplingParams
+from hybrid_cache.plan import BatchPlan, CacheType, SamplingParams, TokenLogprobs, logprobs_of
 from hybrid_cache.timing import StepTimer
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.executor import Detokenizer, Executor, ExecutorFailed, SequenceFailed
@@ -208,6 +208,9 @@ class Engine:
         for token in params.stop_token_ids:
             if not 0 <= token < vocab:
                 raise ValueError(f"stop_token_ids holds {token}, outside the vocabulary (ids 0..{vocab - 1})")
+        for token, _ in params.logit_bias:
+            if not 0 <= token < vocab:
+                raise ValueError(f"logit_bias holds token {token}, outside the vocabulary (ids 0..{vocab - 1})")
         try:
             override = CacheType(cache_type) if cache_type is not None else None
         except ValueError:
@@ -321,26 +324,31 @@ class Engine:
         if step.predicted_seconds is not None:
             self.step_time.record(step.predicted_seconds, executed)
         now = self.clock()
-        for request, token in zip(step.requests, tokens):
+        logprobs = logprobs_of(tokens) or [None] * len(tokens)
+        for request, token, token_logprobs in zip(step.requests, tokens, logprobs):
             if request.num_new_tokens > 0:
                 continue  # a chunk short of the end of its prompt: the sampled token is discarded
             try:
-                outputs.append(self._apply_token(request, token, now))
+                outputs.append(self._apply_token(request, token, now, token_logprobs))
             except Exception:  # noqa: BLE001 - e.g. the detokenizer on this request's tokens: it alone fails
                 log.exception("could not apply a token to %s", request.request_id)
                 outputs.append(self._fail(request, _INTERNAL_ERROR))
         return outputs
 
-    def _apply_token(self, request: Request, token: int, now: float) -> RequestOutput:
+    def _apply_token(
+        self, request: Request, token: int, now: float, logprobs: TokenLogprobs | None = None
+    ) -> RequestOutput:
         if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.info.vocab_size:
             raise ValueError(f"the executor sampled {token!r}, not a token id")
         self.tokens_by_cache_type[request.cache_type.value] += 1
         request.token_times.append(now)
         self.metrics.on_token(request)
         reason = append_token(request, token, self.info.eos_token_ids, self.info.max_model_len, self.detokenizer)
+        if logprobs is not None:
+            request.logprobs.append(logprobs)
         if reason is not None:
             self._finish(request, reason)
-        return self._output(request, [token])
+        return self._output(request, [token], [logprobs] if logprobs is not None else None)
 
     def _forget(self, plan: BatchPlan) -> None:
         """A plan with no sequence only tells the workers which requests ended; a failure costs nothing."""
@@ -393,7 +401,9 @@ class Engine:
         in_flight = list(self.requests.values())
         return outputs + self._fail_step(in_flight, _INTERNAL_ERROR)
 
-    def _output(self, request: Request, new: list[int]) -> RequestOutput:
+    def _output(
+        self, request: Request, new: list[int], new_logprobs: list[TokenLogprobs] | None = None
+    ) -> RequestOutput:
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -405,6 +415,9 @@ class Engine:
             cache_type=request.cache_type.value if request.cache_type else None,
             num_preemptions=request.num_preemptions,
             error=request.error,
+            new_logprobs=new_logprobs,
+            logprobs=request.logprobs if request.is_finished and request.params.logprobs is not None else None,
+            stop_reason=request.stop_reason,
         )
 
     # -- reporting -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from hybrid_cache.plan import CacheType, SamplingParams
+from hybrid_cache.plan import CacheType, SamplingParams, TokenLogprobs
 
 
 class RequestStatus(str, enum.Enum):
@@ -54,6 +54,8 @@ class Request:
     text: str = ""
     error: str | None = None  # why it ended with FinishReason.ERROR (shown to the client: no internals)
     abort_reason: str | None = None  # why it ended with FinishReason.ABORT: client, timeout or server
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (None: EOS or other)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per output token, when asked for
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -112,3 +114,7 @@ class RequestOutput:
     cache_type: str | None
     num_preemptions: int
     error: str | None = None
+    # Per token of `new_token_ids`, its logprobs when the request asked (`SamplingParams.logprobs`).
+    new_logprobs: list[TokenLogprobs] | None = None
+    logprobs: list[TokenLogprobs] | None = None  # every output token's: on the finished output only
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it

@@ -22,7 +22,8 @@ from worker.sampler import Sampler
 
 @dataclass
 class StepResult:
-    """Sampled tokens in plan order; the last-position logits when asked for (tests, teacher forcing)."""
+    """Sampled tokens in plan order (with their logprobs where asked: `SampledTokens`); the
+    last-position logits when asked for (tests, teacher forcing)."""
 
     token_ids: list[int]
     logits: torch.Tensor | None = None
@@ -56,7 +57,7 @@ class ModelRunner:
         self.chunk_tokens = cache.recompute_chunk_tokens
         num_blocks = cache.num_blocks or self.layout.num_blocks_for_budget(cache.memory_bytes or 0, self.chunk_tokens)
         self.cache = CacheTensors(self.layout, num_blocks, self.chunk_tokens, self.dtype, self.device)
-        self.sampler = Sampler(self.device, model.seed)
+        self.sampler = Sampler(self.device, model.seed, spec.eos_token_ids)
         self.backend = make_backend(cache.attention_backend)
         self.cost = profile_recompute(
             self.model, self.cache.workspace, cache.block_size, cache.profile_token_counts, cache.profile_repeats
@@ -107,5 +108,5 @@ class ModelRunner:
             if self.tp.rank != 0:
                 return StepResult([])  # the LM head is replicated: rank 0 alone samples
             logits = self.model.compute_logits(hidden[meta.logits_index])
-            tokens = self.sampler.sample(logits, [s.seq_id for s in plan.seqs], [s.sampling for s in plan.seqs])
+            tokens = self.sampler.sample_step(logits, plan)
         return StepResult(tokens, logits.float() if return_logits else None)

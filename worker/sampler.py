@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from hybrid_cache.plan import SamplingParams
+from hybrid_cache.plan import BatchPlan, SampledTokens, SamplingParams, TokenLogprobs
+from worker.logits_adjust import adjust_logits
 
 _MASK64 = (1 << 64) - 1
 
@@ -23,22 +26,60 @@ def mix_seed(seed: int) -> int:
 
 
 class Sampler:
-    """Greedy, temperature, top-k and top-p sampling; a request with a seed has its own generator.
+    """Greedy, temperature, min-p, top-k and top-p sampling after penalties, logit bias and
+    `min_tokens` (`worker/logits_adjust.py`); a request with a seed has its own generator; log
+    probabilities (of the raw logits) for the requests that ask.
 
     The batch is filtered in a few tensor operations (no Python loop per row); a token is drawn by the
     exponential race (argmax of `p / E`, `E ~ Exp(1)`, which picks token i with probability p_i), one
     draw of noise for all unseeded rows and one per seeded row, from that request's generator, so a
     seeded request's tokens depend only on its seed and its logits, whatever else is in the batch.
+
+    `sample_step` also keeps each sequence's tokens (every token a plan feeds it: the prompt chunks,
+    then each sampled token), which penalties and `min_tokens` read. A prompt's early chunks come
+    without their request's sampling fields (they sample nothing), so the history is kept for every
+    sequence; where a request's output starts is where it first samples with its own fields.
     """
 
-    def __init__(self, device: torch.device, seed: int) -> None:
+    def __init__(self, device: torch.device, seed: int, eos_token_ids: Sequence[int] = ()) -> None:
         self.device = device
+        self.eos_token_ids = tuple(eos_token_ids)
         self._shared = torch.Generator(device=device).manual_seed(seed)
         self._seeded: dict[int, torch.Generator] = {}
+        self._history: dict[int, list[int]] = {}
+        self._prompt_len: dict[int, int] = {}
 
     def forget(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
             self._seeded.pop(seq_id, None)
+            self._history.pop(seq_id, None)
+            self._prompt_len.pop(seq_id, None)
+
+    def sample_step(self, logits: torch.Tensor, plan: BatchPlan) -> SampledTokens:
+        """One token per sequence of `plan` (rows of `logits` in plan order), with the log
+        probabilities asked for; records the tokens the plan fed each sequence first."""
+        seq_ids = [s.seq_id for s in plan.seqs]
+        params = [s.sampling for s in plan.seqs]
+        for seq in plan.seqs:
+            history = self._history.setdefault(seq.seq_id, [])
+            del history[seq.start_pos:]  # a re-prefill (after a preemption) feeds the tokens again
+            history.extend(seq.token_ids)
+        adjusted = [i for i, p in enumerate(params) if p.adjusts_logits]
+        raw = logits.float()
+        scores = raw
+        if adjusted:
+            for i in adjusted:
+                self._prompt_len.setdefault(seq_ids[i], len(self._history[seq_ids[i]]))
+            scores = raw.clone()
+            scores[adjusted] = adjust_logits(
+                raw[adjusted], [self._history[seq_ids[i]] for i in adjusted],
+                [self._prompt_len[seq_ids[i]] for i in adjusted], [params[i] for i in adjusted], self.eos_token_ids,
+            )
+        tokens = self.sample(scores, seq_ids, params)
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not wanted:
+            return SampledTokens(tokens)
+        return SampledTokens(tokens, token_logprobs(raw, tokens, wanted, [params[i].logprobs or 0 for i in wanted]))
 
     def _generator(self, seq_id: int, seed: int) -> torch.Generator:
         if seq_id not in self._seeded:
@@ -67,11 +108,35 @@ class Sampler:
         return tokens.tolist()
 
 
+def token_logprobs(
+    logits: torch.Tensor, tokens: list[int], rows: list[int], top: list[int]
+) -> list[TokenLogprobs | None]:
+    """For each row in `rows`: the log probability of its sampled token under `logits` (log-softmax),
+    its rank, and the `top[j]` likeliest tokens; None for the other rows. One batched pass."""
+    logprobs = logits[rows].float().log_softmax(-1)
+    chosen = torch.tensor([tokens[i] for i in rows], device=logits.device).unsqueeze(1)
+    chosen_lp = logprobs.gather(1, chosen)
+    ranks = ((logprobs > chosen_lp).sum(-1) + 1).tolist()
+    k = max(top)
+    best_lp, best_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], chosen[:, :0])
+    best_lp, best_ids, chosen_lp = best_lp.tolist(), best_ids.tolist(), chosen_lp.squeeze(1).tolist()
+    out: list[TokenLogprobs | None] = [None] * len(tokens)
+    for j, i in enumerate(rows):
+        alternatives = tuple(zip(best_ids[j][: top[j]], best_lp[j][: top[j]]))
+        out[i] = TokenLogprobs(tokens[i], chosen_lp[j], ranks[j], alternatives)
+    return out
+
+
 def filtered_probs_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Probabilities after temperature, top-k and top-p (nucleus) filtering of rows `[B, vocab]`."""
+    """Probabilities after temperature, then min-p, top-k and top-p (nucleus) filtering of rows
+    `[B, vocab]` (vLLM's order)."""
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
     scaled = logits / temperature
+    if any(p.min_p for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device).unsqueeze(1)
+        probs = scaled.softmax(-1)
+        scaled = scaled.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     vocab = scaled.shape[1]
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(top_k):

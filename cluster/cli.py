@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from cluster.config import DEFAULT_CONFIG, load_config
+from cluster.config import API_KEY_ENV, DEFAULT_CONFIG, load_config, with_overrides
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -20,7 +20,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     for flag, key in (("model", "model.path"), ("dtype", "model.dtype"), ("cache", "scheduler.cache_mode"),
                       ("policy", "scheduler.policy"), ("num_blocks", "cache.num_blocks"),
                       ("host", "server.host"), ("port", "server.port"), ("tp", "parallel.tensor_parallel_size"),
-                      ("executor", "parallel.executor"), ("replicas", "parallel.replicas")):
+                      ("executor", "parallel.executor"), ("replicas", "parallel.replicas"),
+                      ("max_model_len", "scheduler.max_model_len"),
+                      ("generation_config", "server.generation_config")):
         value = getattr(args, flag, None)
         if value is not None:
             pairs[key] = str(value)
@@ -40,6 +42,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, help="tensor-parallel ranks (parallel.tensor_parallel_size; >1 uses Ray)")
     parser.add_argument("--executor", choices=["local", "ray"], help="where the model runs (parallel.executor)")
     parser.add_argument("--replicas", type=int, help="engine replicas when serving (parallel.replicas)")
+    parser.add_argument("--max-model-len", type=int,
+                        help="longest context served, prompt plus output (scheduler.max_model_len)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -70,6 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cluster.serve_app import start_serving, stop_serving
 
     config = load_config(args.config, _overrides(args))
+    if args.api_key:  # set as typed: a key must not be read as a YAML scalar (`123`, `yes`)
+        config = with_overrides(config, {"server.api_key": args.api_key})
     name = config.model_name
     start_serving(config)
     host, port, grpc_port = config.server.host, config.server.port, config.server.grpc_port
@@ -77,7 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {name}: HTTP {base}/v1 (metrics {base}/metrics), gRPC 127.0.0.1:{grpc_port} "
           "(aptserve.v1.AptServe). Ctrl-C stops.")
     print("try:")
-    print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
+    auth = f"-H 'Authorization: Bearer ${API_KEY_ENV}' " if config.server.resolved_api_key() else ""
+    print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' {auth}"
           f"-d '{{\"model\": \"{name}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'",
           flush=True)
     try:
@@ -119,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (127.0.0.1:8000 by default)")
     serve.add_argument("--host", help="listen address (server.host)")
     serve.add_argument("--port", type=int, help="listen port (server.port)")
+    serve.add_argument("--api-key", help=f"clients must send `Authorization: Bearer KEY` (server.api_key; "
+                       f"default: ${API_KEY_ENV})")
+    serve.add_argument("--generation-config", choices=["auto", "none"],
+                       help="auto: unset sampling fields default to the model's generation_config.json")
     _engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,8 @@ from scheduler_service.config import SchedulerConfig
 from worker.config import ModelConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+# The environment variable that holds the API key when `server.api_key` is unset (vLLM's VLLM_API_KEY).
+API_KEY_ENV = "APTSERVE_API_KEY"
 
 
 class ServerConfig(BaseModel):
@@ -37,6 +40,20 @@ class ServerConfig(BaseModel):
     replica_call_timeout_s: float = Field(
         5.0, gt=0, description="longest wait for a replica's health or stats (a restarting actor holds calls)"
     )
+    api_key: str | None = Field(
+        None, min_length=1, repr=False,
+        description=f"clients must send `Authorization: Bearer <key>` (else 401); None: ${API_KEY_ENV}, if set",
+    )
+    generation_config: Literal["auto", "none"] = Field(
+        "auto", description="auto: a request's unset sampling fields default to the model's generation_config.json"
+    )
+
+    def resolved_api_key(self) -> str | None:
+        """The key clients must present: `api_key`, else the environment's `APTSERVE_API_KEY`, else None.
+
+        Read where the routes run (an ingress replica's process inherits its node's environment), so a
+        key given by a Kubernetes Secret as an environment variable never travels in the Serve config."""
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
 
 
 class ParallelConfig(BaseModel):

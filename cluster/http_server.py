@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from cluster import metrics
+from cluster.auth import ApiKeyMiddleware
 from cluster.config import ServerConfig
 from cluster.errors import (
     ENGINE_FAILED_REQUEST,
@@ -34,6 +36,7 @@ from cluster.errors import (
 )
 from cluster.gateways import Gateway, service_status, serving
 from cluster.http_body import strict_route
+from cluster.http_tokens import add_token_routes
 from cluster.openai_protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.request_params import REQUEST_FIELDS
 from cluster.streams import Deadline, TextDeltas
@@ -41,6 +44,8 @@ from cluster.tokenizer import Tokenizer
 from scheduler_service.request import RequestOutput
 
 log = logging.getLogger(__name__)
+
+BodyT = TypeVar("BodyT", CompletionRequest, ChatCompletionRequest)
 
 _SERVER_DEFAULTS = ServerConfig.model_fields  # the limits of a front end built without a config (tests)
 
@@ -59,6 +64,11 @@ class Frontend:
     retry_after_s: int = _SERVER_DEFAULTS["retry_after_s"].default
     max_body_bytes: int = _SERVER_DEFAULTS["max_body_bytes"].default
     counters: metrics.IngressCounters = field(default_factory=metrics.IngressCounters)
+    # Requests must carry `Authorization: Bearer <api_key>` (None: no key asked); see `cluster/auth.py`.
+    api_key: str | None = field(default=None, repr=False)
+    # What a request's unset sampling fields default to: the model's generation_config.json
+    # (`worker.loader.generation_defaults`), by request field name.
+    generation_defaults: dict[str, float | int] = field(default_factory=dict)
 
     def error(self, failure: Failure) -> OpenAIError:
         return OpenAIError.of(failure, self.retry_after_s)
@@ -71,9 +81,9 @@ class Frontend:
             self.counters.reject(failure.kind.name.lower())
         return failure
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
-            return self.tokenizer.encode(text)
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         except (UnicodeError, ValueError, TypeError) as err:
             raise InvalidField("prompt", f"the prompt cannot be tokenized: {one_line(str(err))}") from err
 
@@ -119,6 +129,8 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
             f.counters.reject(reason)
 
     app.router.route_class = strict_route(lambda: setting("max_body_bytes"))
+    app.add_middleware(ApiKeyMiddleware, current_key=lambda: getattr(current(), "api_key", None),
+                       on_refused=lambda: reject("unauthorized"))
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
@@ -177,6 +189,7 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
     async def start(body: CompletionRequest | ChatCompletionRequest, prompt: list[int],
                     received_at: float) -> tuple[str, Deadline]:
         f = front()
+        body = with_defaults(body, f.generation_defaults, f.gateway.max_model_len - len(prompt))
         try:
             if body.model != f.model_name:
                 raise ModelNotFound(f"The model `{body.model}` does not exist (serving `{f.model_name}`)")
@@ -272,7 +285,24 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
         prompt = front().tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
         return await run(body, prompt, chat=True, received_at=received_at)
 
+    add_token_routes(app, front)
     return app
+
+
+def with_defaults(body: BodyT, defaults: dict[str, float | int], room: int) -> BodyT:
+    """`body` with each sampling field the client left unset taken from `defaults` (the model's
+    generation config), as vLLM does. Fields the request type lacks are skipped; a default
+    `max_tokens` is cut to the `room` the prompt leaves (and skipped when a chat request set
+    `max_completion_tokens`)."""
+    given = body.model_fields_set
+    unset = {name: value for name, value in defaults.items()
+             if name in type(body).model_fields and name not in given}
+    if "max_tokens" in unset:
+        if "max_completion_tokens" in given or room < 1:
+            del unset["max_tokens"]
+        else:
+            unset["max_tokens"] = min(int(unset["max_tokens"]), room)
+    return body.model_copy(update=unset) if unset else body
 
 
 class ClosingStreamingResponse(StreamingResponse):

@@ -13,15 +13,17 @@ import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import RayServegRPCContext
 
+from cluster.auth import UNAUTHORIZED_MESSAGE, metadata_authorized
 from cluster.config import AptServeConfig, load_config
 from cluster.engine_client import EngineClient
 from cluster.grpc_gen import aptserve_pb2 as pb
-from cluster.grpc_servicer import GrpcServicer
+from cluster.grpc_servicer import GrpcRequestError, GrpcServicer
 from cluster.http_server import Frontend, build_app, install_frontend
 from cluster.ray_cluster import (
     find_engine_replicas,
@@ -32,6 +34,7 @@ from cluster.ray_cluster import (
 from cluster.ray_runtime import ensure_ray
 from cluster.router import ReplicaRouter
 from cluster.tokenizer import Tokenizer
+from worker.loader import generation_defaults
 
 GRPC_SERVICER = "cluster.grpc_gen.aptserve_pb2_grpc.add_AptServeServicer_to_server"
 APP_NAME = "aptserve"
@@ -51,26 +54,46 @@ class AptServeIngress:
         router = ReplicaRouter(clients, info["max_model_len"], info["vocab_size"], server.replica_probe_interval_s)
         self.tokenizer = Tokenizer(self.config.model.path)
         self.model_name = self.config.model_name
+        defaults = generation_defaults(self.config.model.path) if server.generation_config == "auto" else {}
         self.frontend = Frontend(router, self.tokenizer, self.model_name, server.request_timeout_s,
-                                 retry_after_s=server.retry_after_s, max_body_bytes=server.max_body_bytes)
+                                 retry_after_s=server.retry_after_s, max_body_bytes=server.max_body_bytes,
+                                 api_key=server.resolved_api_key(), generation_defaults=defaults)
         install_frontend(self.frontend)
         self.grpc = GrpcServicer(self.frontend)
 
     # -- gRPC (aptserve.v1.AptServe): `cluster/grpc_servicer.py` -----------------------------------------
+    def _authenticate(self, grpc_context: RayServegRPCContext) -> None:
+        authenticate_grpc(self.frontend, grpc_context)
+
     async def Generate(  # noqa: N802 - the RPC's name
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        self._authenticate(grpc_context)
         async for reply in self.grpc.generate(request, grpc_context):
             yield reply
 
     async def Abort(self, request: pb.AbortRequest, grpc_context: RayServegRPCContext) -> pb.AbortResponse:  # noqa: N802
+        self._authenticate(grpc_context)
         return await self.grpc.abort(request, grpc_context)
 
     async def Health(self, request: pb.HealthRequest) -> pb.HealthResponse:  # noqa: N802
         return await self.grpc.health(request)
 
-    async def ModelInfo(self, request: pb.ModelInfoRequest) -> pb.ModelInfoResponse:  # noqa: N802
+    async def ModelInfo(  # noqa: N802
+        self, request: pb.ModelInfoRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ModelInfoResponse:
+        self._authenticate(grpc_context)
         return await self.grpc.model_info(request)
+
+
+def authenticate_grpc(frontend: Frontend, grpc_context: RayServegRPCContext) -> None:
+    """End the call UNAUTHENTICATED (counted as `unauthorized`) unless its metadata carries the API key,
+    when one is set."""
+    if not metadata_authorized(frontend.api_key, grpc_context.invocation_metadata()):
+        frontend.counters.reject("unauthorized")
+        grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        grpc_context.set_details(UNAUTHORIZED_MESSAGE)
+        raise GrpcRequestError(UNAUTHORIZED_MESSAGE)
 
 
 def build_application(config: AptServeConfig) -> serve.Application:

@@ -21,6 +21,10 @@ class SchedulerConfig(BaseModel):
         "kv", description="kv: K/V only; hidden: x only; hybrid: the policy picks per request"
     )
     max_num_seqs: int = Field(256, gt=0, description="most requests in one step")
+    max_model_len: int | None = Field(
+        None, gt=0, description="the longest context served (prompt plus output); None: the model's own. "
+        "Larger than the model's is refused at start-up"
+    )
     max_num_batched_tokens: int | None = Field(
         None,
         gt=0,

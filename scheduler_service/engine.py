@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import numbers
@@ -102,6 +103,11 @@ class Engine:
         self.detokenizer = detokenizer
         self.clock = clock
         info = executor.info()
+        if config.max_model_len is not None:  # `--max-model-len`: a shorter context than the model's
+            if config.max_model_len > info.max_model_len:
+                raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's context "
+                                 f"({info.max_model_len} tokens)")
+            info = dataclasses.replace(info, max_model_len=config.max_model_len)
         self.info = info
         layout = info.layout
         if config.cache_mode == "hidden" and not layout.hidden_allowed:

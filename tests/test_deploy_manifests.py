@@ -251,6 +251,19 @@ def test_rayservice_fits_its_gpus_volumes_and_image(path: Path) -> None:
         assert {"name": "HF_HUB_OFFLINE", "value": "1"} in container["env"], name
 
 
+@pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.name)
+def test_every_pod_reads_the_api_key_from_the_secret(path: Path) -> None:
+    """Any pod may host an ingress replica, which asks the key from APTSERVE_API_KEY (cluster/config.py)."""
+    from cluster.config import API_KEY_ENV
+
+    for name, template in pod_templates(load(path)).items():
+        [container] = template["spec"]["containers"]
+        [entry] = [e for e in container["env"] if e["name"] == API_KEY_ENV]
+        assert entry["valueFrom"]["secretKeyRef"] == {"name": "aptserve-api-key", "key": "api-key"}, name
+        assert "value" not in entry, name  # never a key in the manifest itself
+    assert "aptserve-api-key" in (REPO / "docs" / "DEPLOY.md").read_text()
+
+
 def _version() -> str:
     return re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)[1]
 

@@ -25,16 +25,16 @@ MODEL = "tiny-opt"
 
 
 @contextlib.contextmanager
-def running_server(model: Path, gateway: type[LocalGateway] = LocalGateway, **overrides: object) -> Iterator[
-    tuple[str, object]
-]:
-    """The HTTP app over one in-process engine, served by uvicorn on a free loopback port."""
+def running_server(model: Path, gateway: type[LocalGateway] = LocalGateway, frontend_options: dict | None = None,
+                   **overrides: object) -> Iterator[tuple[str, object]]:
+    """The HTTP app over one in-process engine, served by uvicorn on a free loopback port
+    (`frontend_options`: more `Frontend` fields, such as `api_key`)."""
     config = load_config(overrides={
         "model.path": str(model), "cache.block_size": 4, "cache.num_blocks": 512,
         "scheduler.cache_mode": "hybrid", "server.served_model_name": MODEL,
     } | overrides)
     engine, tokenizer, name = build_async_engine(config)
-    frontend = Frontend(gateway(engine), tokenizer, name, config.server.request_timeout_s)
+    frontend = Frontend(gateway(engine), tokenizer, name, config.server.request_timeout_s, **(frontend_options or {}))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

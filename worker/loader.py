@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,13 @@ from worker.models.base import WeightReader
 from worker.parallel import SINGLE, TensorParallel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# generation_config.json keys that become default sampling fields (vLLM reads the same ones), by the
+# request field each sets.
+GENERATION_DEFAULTS = {
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens",
+}
 
 
 def resolve_dtype(name: str, spec: ModelSpec) -> torch.dtype:
@@ -61,6 +69,23 @@ def iter_weights(model_dir: Path) -> Iterator[tuple[str, WeightReader]]:
                     yield name, _TensorReader(tensor)
         except Exception as err:  # any failure to read a weight file means the file is damaged
             raise ValueError(f"corrupt checkpoint file {path}: {err}") from err
+
+def generation_defaults(model_dir: str | Path) -> dict[str, float | int]:
+    """The sampling defaults the model's `generation_config.json` sets, by request field name (for
+    example `{"temperature": 0.6, "top_p": 0.9}`); empty when the file is absent or sets none.
+
+    A damaged file raises ValueError naming it: a server must not start with defaults it silently lost."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return {field: config[key] for key, field in GENERATION_DEFAULTS.items() if config.get(key) is not None}
+
 
 def load_model(
     model_dir: str | Path, dtype: str, device: torch.device, tp: TensorParallel = SINGLE, prepack: bool = True

@@ -146,14 +146,18 @@ class Engine:
         ttft_slo_s: float | None = None,
         tbt_slo_s: float | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> str:
         """Queue a request; returns its id. Raises ValueError (nothing queued) on bad input.
 
         SLOs default to the config's; the `apt` policy schedules by them. `arrival_time` (engine clock)
         defaults to now; a trace replay passes the scheduled arrival so that waiting is counted from it.
+        `priority` is vLLM's: lower runs first (both policies honour it; `Request.priority`).
         """
         params = params or SamplingParams()
         try:
+            if not isinstance(priority, int) or isinstance(priority, bool):
+                raise ValueError(f"priority must be an integer, got {priority!r}")
             if request_id is not None and request_id in self.requests:
                 raise DuplicateRequestId(f"request id {request_id!r} is already in use")
             prompt, override = self.validate(prompt_token_ids, params, cache_type, ttft_slo_s, tbt_slo_s)
@@ -167,6 +171,7 @@ class Engine:
             request_id, seq_id, prompt, params, self.clock() if arrival_time is None else arrival_time,
             cache_override=override,
             ttft_slo_s=ttft_slo_s or self.config.ttft_slo_s, tbt_slo_s=tbt_slo_s or self.config.tbt_slo_s,
+            priority=priority,
         )
         self.requests[request_id] = request
         self.scheduler.add(request)

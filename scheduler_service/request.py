@@ -44,6 +44,8 @@ class Request:
     cache_override: CacheType | None = None
     ttft_slo_s: float = float("inf")
     tbt_slo_s: float = float("inf")
+    # vLLM's `priority`: lower runs first (fcfs orders by it before arrival; apt weighs pending time by it).
+    priority: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     cache_type: CacheType | None = None  # the type of the blocks it holds while running

@@ -109,8 +109,9 @@ class Scheduler:
             step_time=self.step_time,
         )
         decision = self._decide(view)
-        # Preempt newest first so that, pushed to the front one by one, the oldest ends up first.
-        for request in sorted(decision.preempt, key=lambda r: r.arrival_time, reverse=True):
+        # Preempt newest (and least urgent) first so that, pushed to the front one by one, the oldest of
+        # the most urgent priority ends up first.
+        for request in sorted(decision.preempt, key=lambda r: (r.priority, r.arrival_time), reverse=True):
             self._preempt(request)
 
         seqs: list[SequencePlan] = []

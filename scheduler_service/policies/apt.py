@@ -15,6 +15,16 @@ from scheduler_service.request import Request
 from scheduler_service.step_time import StepLoad
 
 _CODES = {None: CODE_SKIP, CacheType.KV: CODE_KV, CacheType.HIDDEN: CODE_HIDDEN}
+# vLLM's `priority` (lower first) weighs a request's pending time by PRIORITY_BASE ** -priority: one
+# level more urgent counts each second waited twice. Clipped to ±PRIORITY_CLIP levels so that a huge
+# value cannot overflow the weight (or zero it) and make the knapsack's values meaningless.
+PRIORITY_BASE = 2.0
+PRIORITY_CLIP = 32
+
+
+def priority_weight(priority: int) -> float:
+    """The factor on a request's pending time (1.0 at the default priority 0)."""
+    return PRIORITY_BASE ** -max(-PRIORITY_CLIP, min(PRIORITY_CLIP, priority))
 
 
 class AptPolicy(Policy):
@@ -29,7 +39,9 @@ class AptPolicy(Policy):
     because its KV blocks at its longest exceed the cache) would never be admitted, or, running, be
     preempted every step. For those requests the hidden value is floored at `violator_density` per
     hidden block (what a late KV request is worth): they run with spare room, like late ones.
-    Requests already past an SLO get a tiny value density: spare room only.
+    Requests already past an SLO get a tiny value density: spare room only. vLLM's `priority` weighs
+    `p` (`priority_weight`: a lower value counts its waiting more), here and wherever groups' pending
+    times are compared.
 
     Running requests compete for the whole cache: one that loses is preempted, one that keeps its
     type just goes on, and a hidden one chosen as KV is converted in place when its KV blocks are
@@ -37,11 +49,11 @@ class AptPolicy(Policy):
     for the free blocks left after every running request could grow `growth_reserve_tokens`.
 
     The step (`mixed`, the default) carries every kept decode and then prompt chunks — of prompts
-    being prefilled and of admitted ones, the most urgent first — while the step-time model predicts
-    the step within `step_time_headroom` of the tightest time-between-tokens budget of the on-time
-    decodes. When that budget leaves no prompt any tokens, the prompts still get the step's token
-    budget if they have waited longer in total than the decodes. With `mixed: false`, that same
-    comparison picks a prefill-only or a decode-only step, as in the paper.
+    being prefilled and of admitted ones, the most urgent first (a lower `priority` value first) —
+    while the step-time model predicts the step within `step_time_headroom` of the tightest
+    time-between-tokens budget of the on-time decodes. When that budget leaves no prompt any tokens,
+    the prompts still get the step's token budget if they have waited longer in total than the decodes.
+    With `mixed: false`, that same comparison picks a prefill-only or a decode-only step, as in the paper.
     """
 
     name = "apt"
@@ -178,15 +190,15 @@ class _Builder:
 
     def _by_urgency(self, prompts: list[tuple[Request, CacheType]]) -> list[tuple[Request, CacheType]]:
         """On-time prompts by the time left to their SLO deadline (TTFT, or TBT for a preempted one
-        re-prefilling its outputs), then late ones oldest first."""
+        re-prefilling its outputs), then late ones oldest first; within each, a lower priority first."""
         now = self.view.now
 
-        def key(item: tuple[Request, CacheType]) -> tuple[bool, float]:
+        def key(item: tuple[Request, CacheType]) -> tuple[bool, int, float]:
             request = item[0]
             slo = request.ttft_slo_s if request.last_token_time is None else request.tbt_slo_s
             deadline = request.pending_since() + slo
             late = deadline < now
-            return late, request.arrival_time if late else deadline
+            return late, request.priority, request.arrival_time if late else deadline
 
         return sorted(prompts, key=key)
 
@@ -196,8 +208,9 @@ class _Builder:
 
 
 def _pending(view: SchedulerView, group: list[tuple[Request, CacheType]]) -> float:
-    """The summed pending time of a group of requests (the paper's prefill-or-decode comparison)."""
-    return sum(view.now - r.pending_since() for r, _ in group)
+    """The summed pending time of a group of requests (the paper's prefill-or-decode comparison),
+    each weighted by its priority."""
+    return sum((view.now - r.pending_since()) * priority_weight(r.priority) for r, _ in group)
 
 
 @dataclass(frozen=True)
@@ -207,6 +220,7 @@ class _Candidates:
     requests: Sequence[Request]
     num_tokens: np.ndarray
     pending: np.ndarray  # seconds since its last progress (`now - t_i`)
+    weight: np.ndarray  # `priority_weight` of each request
     late: np.ndarray  # already past its TTFT or TBT SLO
     may_kv: np.ndarray
     may_hidden: np.ndarray
@@ -220,10 +234,11 @@ class _Candidates:
                 r.ttft_slo_s if r.last_token_time is None else r.tbt_slo_s,
                 _CODES[r.cache_override],
                 _CODES[r.cache_type],
+                r.priority,
             )
             for r in requests
         ]
-        table = np.array(rows, dtype=np.float64).reshape(len(rows), 5)
+        table = np.array(rows, dtype=np.float64).reshape(len(rows), 6)
         pending = view.now - table[:, 1]
         override, held = table[:, 3], table[:, 4]
         by_mode = allowed_cache_types(None, view.cache_mode, view.cache.layout)
@@ -232,8 +247,10 @@ class _Candidates:
         # KV→hidden would need a re-prefill (x is not kept): a request holding KV stays KV.
         may_hidden = np.where(override == CODE_SKIP, CacheType.HIDDEN in by_mode, override == CODE_HIDDEN)
         may_hidden &= held != CODE_KV
+        priority = np.clip(table[:, 5], -PRIORITY_CLIP, PRIORITY_CLIP)
+        weight = np.power(PRIORITY_BASE, -priority) if priority.any() else np.ones(len(rows))
         return cls(
-            requests, table[:, 0].astype(np.int64), pending, pending > table[:, 2], may_kv,
+            requests, table[:, 0].astype(np.int64), pending, weight, pending > table[:, 2], may_kv,
             may_hidden & hidden_possible,
         )
 
@@ -245,7 +262,7 @@ class _Candidates:
             blocks_hidden = -(-self.num_tokens // layout.tokens_per_block(CacheType.HIDDEN))
         else:
             blocks_hidden = np.zeros_like(blocks_kv)
-        on_time_kv = self.pending + config.pending_floor_s
+        on_time_kv = (self.pending + config.pending_floor_s) * self.weight
         value_kv = np.where(self.late, config.violator_density * blocks_kv, on_time_kv)
         # Floored where KV is not allowed (see the class docstring): such a request keeps a positive value.
         on_time_hidden = on_time_kv - on_time * view.alpha * blocks_kv

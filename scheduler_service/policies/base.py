@@ -18,7 +18,7 @@ from scheduler_service.step_time import StepTimePredictor
 class SchedulerView:
     """What a policy may look at: the queues in order, the cache accounting and the step limits."""
 
-    waiting: Sequence[Request]  # oldest first; preempted requests go back to the front
+    waiting: Sequence[Request]  # oldest first; preempted requests go back to the front (see `by_priority`)
     running: Sequence[Request]  # in admission order
     cache: CacheManager
     config: SchedulerConfig
@@ -34,6 +34,14 @@ class SchedulerView:
     def allowed_types(self, request: Request) -> list[CacheType]:
         """Cache types `request` may use, preferred first."""
         return allowed_cache_types(request.cache_override, self.cache_mode, self.cache.layout)
+
+
+def by_priority(requests: Sequence[Request]) -> list[Request]:
+    """`requests` in order of vLLM's `priority` (lower first), keeping their order within a priority
+    (arrival order, preempted requests first, as the queues hold them)."""
+    if not any(r.priority for r in requests):
+        return list(requests)  # the common case: nothing to reorder
+    return sorted(requests, key=lambda r: r.priority)
 
 
 def allowed_cache_types(override: CacheType | None, mode: CacheMode, layout: CacheLayout) -> list[CacheType]:

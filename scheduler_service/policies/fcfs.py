@@ -1,16 +1,19 @@
 """First-come-first-serve, as vLLM v1 schedules: oldest first, preempt the newest when memory runs out,
-decodes first and then prompt chunks within the step's token budget (chunked prefill)."""
+decodes first and then prompt chunks within the step's token budget (chunked prefill). With vLLM's
+`priority`, "oldest" means lowest (priority, arrival), as vLLM's priority scheduling orders them."""
 
 from __future__ import annotations
 
 from hybrid_cache.plan import CacheType
-from scheduler_service.policies.base import Policy, ScheduleDecision, SchedulerView
+from scheduler_service.policies.base import Policy, ScheduleDecision, SchedulerView, by_priority
 from scheduler_service.request import Request
 
 
 class FCFSPolicy(Policy):
     """Keeps every running request it can (oldest first), then admits waiting requests in arrival
-    order while their blocks and the step's limits fit, stopping at the first that does not.
+    order while their blocks and the step's limits fit, stopping at the first that does not. Both
+    orders are by `priority` first (lower first): a request of a lower priority value is kept before,
+    preempted after and admitted before any of a higher one, whatever their arrivals.
 
     Tokens: every kept decode first (one token each), then the next chunk of each running prompt
     being prefilled, then the first chunk of each admitted prompt, each chunk as long as what is left
@@ -29,7 +32,7 @@ class FCFSPolicy(Policy):
         decision = ScheduleDecision()
         cache = view.cache
         free = cache.num_free
-        running: list[Request] = list(view.running)
+        running: list[Request] = by_priority(view.running)
         kept: list[Request] = []
 
         # 1. Memory, oldest first; when a request cannot grow, preempt the newest until it can.
@@ -70,7 +73,7 @@ class FCFSPolicy(Policy):
         # 4. Admissions in arrival order (none in a step that had to preempt: memory is short).
         if decision.preempt:
             return decision
-        for request in view.waiting:
+        for request in by_priority(view.waiting):
             if len(decision.decode) + len(decision.prefill) >= view.config.max_num_seqs or tokens_left == 0:
                 break
             chosen = None

@@ -15,7 +15,8 @@ setup: $(STAMP) model kernels
 kernels: $(STAMP)
 	$(BIN)/python -m hybrid_cache.kernels
 
-# torch first, alone, so that nothing pulls a CUDA build; then the project and its pinned deps.
+# torch first, alone, so that nothing pulls a CUDA build; then the project and its pinned deps (triton
+# among them: the `triton` attention backend, run by the tests under TRITON_INTERPRET=1; docs/GPU.md).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0

@@ -4,15 +4,17 @@ KV requests attend over K/V read from their own blocks. Hidden requests attend o
 from their stored `x`, chunk by chunk through the fixed workspace, merged with an online softmax, so
 no request ever reads K/V that was not produced from its own history in this step.
 
-Two backends implement the same interface (`AttentionBackend`): `torch`, the readable reference
-(gather whole blocks, then PyTorch's SDPA), and `cpu_paged`, our C++ kernel (csrc/) that reads
-K/V where they lie over the whole variable-length batch. A backend builds its own step metadata
+Three backends implement the same interface (`AttentionBackend`): `torch`, the readable reference
+(gather whole blocks, then PyTorch's SDPA), `cpu_paged`, our C++ kernel (csrc/) that reads
+K/V where they lie over the whole variable-length batch, and `triton` (attention_triton.py), the same
+calls as Triton kernels for GPUs. A backend builds its own step metadata
 from the plan and, per layer, gets the layer's cache, that metadata and q/k/v, and returns the
-output; a GPU backend plugs in the same way.
+output.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, Protocol
 
 import torch
@@ -278,7 +280,17 @@ class CpuPagedBackend(AttentionBackend):
         out[t] = acc[t].to(out.dtype)
 
 
-BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchBackend, "cpu_paged": CpuPagedBackend}
+def _triton_backend() -> AttentionBackend:
+    # Imported when chosen: Triton is heavy to import, and its kernels are wrapped at import time
+    # (TRITON_INTERPRET decides then whether they run on CPU tensors).
+    from hybrid_cache.attention_triton import TritonBackend
+
+    return TritonBackend()
+
+
+BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
+    "torch": TorchBackend, "cpu_paged": CpuPagedBackend, "triton": _triton_backend,
+}
 
 
 def make_backend(name: str) -> AttentionBackend:

@@ -23,9 +23,10 @@ class CacheConfig(BaseModel):
         2048, gt=0, description="rows of x recomputed at once; sizes the fixed recompute workspace"
     )
 
-    attention_backend: Literal["torch", "cpu_paged"] = Field(
+    attention_backend: Literal["torch", "cpu_paged", "triton"] = Field(
         "cpu_paged",
-        description="cpu_paged: our C++ kernel reading K/V blocks in place; torch: gather + SDPA (the reference)",
+        description="cpu_paged: our C++ kernel reading K/V blocks in place; torch: gather + SDPA (the reference); "
+        "triton: paged Triton kernels for GPUs (on CPU only under TRITON_INTERPRET=1; docs/GPU.md)",
     )
 
     profile_token_counts: list[int] = Field(

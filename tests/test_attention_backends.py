@@ -91,7 +91,7 @@ def test_non_causal_call_sees_every_key_and_keeps_other_rows() -> None:
 
 
 def test_backends_are_chosen_by_name() -> None:
-    assert set(BACKENDS) == {"torch", "cpu_paged"}
+    assert set(BACKENDS) == {"torch", "cpu_paged", "triton"}  # triton: tests/test_triton_attention.py
     assert make_backend("cpu_paged").name == "cpu_paged" and make_backend("torch").name == "torch"
     with pytest.raises(ValueError, match="unknown attention backend"):
         make_backend("flash")

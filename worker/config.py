@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 
 class ModelConfig(BaseModel):
@@ -17,4 +17,10 @@ class ModelConfig(BaseModel):
     num_threads: int | None = Field(None, gt=0, description="torch compute threads; None keeps torch's default")
     prepack: bool = Field(
         True, description="reorder GEMM weights once at load for oneDNN (CPU, float32/bfloat16); false: F.linear"
+    )
+    cuda_graphs: bool = Field(
+        True, description="decode steps replay CUDA graphs captured per batch bucket (CUDA, triton backend, TP=1)"
+    )
+    cuda_graph_batch_sizes: list[PositiveInt] = Field(
+        [1, 2, 4, 8, 16, 32, 64, 128, 256], min_length=1, description="decode batch buckets captured at start-up"
     )

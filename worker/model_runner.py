@@ -14,6 +14,7 @@ from hybrid_cache.plan import BatchPlan
 from hybrid_cache.tensors import CacheTensors
 from worker.config import ModelConfig
 from worker.cost_model import profile_recompute, profile_step_time, step_profile_plans
+from worker.cuda_graphs import make_decode_graphs
 from worker.loader import load_model
 from worker.models import ForwardContext
 from worker.parallel import SINGLE, TensorParallel
@@ -59,6 +60,10 @@ class ModelRunner:
         self.cache = CacheTensors(self.layout, num_blocks, self.chunk_tokens, self.dtype, self.device)
         self.sampler = Sampler(self.device, model.seed, spec.eos_token_ids)
         self.backend = make_backend(cache.attention_backend)
+        self.graphs = make_decode_graphs(  # None unless CUDA, the triton backend and TP=1 (docs/GPU.md)
+            model.cuda_graphs, model.cuda_graph_batch_sizes, self.model, self.cache, self.backend, self.layout,
+            self.device, tp.size,
+        )
         self.cost = profile_recompute(
             self.model, self.cache.workspace, cache.block_size, cache.profile_token_counts, cache.profile_repeats
         )
@@ -97,16 +102,20 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: BatchPlan, return_logits: bool = False) -> StepResult:
         self.sampler.forget(plan.finished_seq_ids)
+        self.cache.copy_blocks(plan.block_copies)  # before anything reads or writes them this step
         if not plan.seqs:
             return StepResult([])
         with self.cache.workspace.timer.measure("model"):
-            meta = self.backend.build_metadata(plan, self.layout, self.chunk_tokens, self.dtype).to(self.device)
-            ctx = ForwardContext(meta, self.cache, self.backend)
-            self.model.convert_to_kv(ctx)
-            ids = [t for s in plan.seqs for t in s.token_ids]
-            hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)
+            if self.graphs is not None and self.graphs.accepts(plan):
+                last = self.graphs.forward(plan)  # a decode step: its captured graph, replayed
+            else:
+                meta = self.backend.build_metadata(plan, self.layout, self.chunk_tokens, self.dtype).to(self.device)
+                ctx = ForwardContext(meta, self.cache, self.backend)
+                self.model.convert_to_kv(ctx)
+                ids = [t for s in plan.seqs for t in s.token_ids]
+                last = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)[meta.logits_index]
             if self.tp.rank != 0:
                 return StepResult([])  # the LM head is replicated: rank 0 alone samples
-            logits = self.model.compute_logits(hidden[meta.logits_index])
+            logits = self.model.compute_logits(last)
             tokens = self.sampler.sample_step(logits, plan)
         return StepResult(tokens, logits.float() if return_logits else None)

@@ -112,23 +112,47 @@ class SimResult:
 
 def startup_step_cost(model: StepTimeModel) -> object | None:
     """What the engine's start-up step profile would measure on the simulated device (KV steps only):
-    `intercept + per_token·tokens + per_context·context` fitted by least squares to the model's prefill
-    and decode steps over a grid of sizes. None if this engine has no step-cost model."""
+    `intercept + per_token·tokens + per_context·context + per_sequence·sequences`, fitted by
+    non-negative least squares to the model's prefill and decode steps over a grid of sizes (the
+    engine's own fit; `per_sequence` only where its `StepCostModel` has that term). None if this
+    engine has no step-cost model."""
     try:
         from hybrid_cache.info import StepCostModel
     except ImportError:
         return None
+    with_sequences = "seconds_per_sequence" in StepCostModel.__dataclass_fields__
     rows, seconds = [], []
     for n in (1, 4, 16, 64, 128):
         for ctx in (128, 512, 1024, 2048):
-            rows.append([1.0, n, n * ctx])
+            rows.append([1.0, n, n * ctx, n])
             seconds.append(model.compute_seconds(StepShape(num_decode=n, decode_context=n * ctx)))
     for k in (1, 2):
         for p in (64, 256, 512, 1024, 2048):
-            rows.append([1.0, k * p, k * p * (p + 1) // 2])
+            rows.append([1.0, k * p, k * p * (p + 1) // 2, k])
             seconds.append(model.compute_seconds(StepShape(k, k * p, k * p * p)))
-    beta = np.linalg.lstsq(np.array(rows), np.array(seconds), rcond=None)[0]
-    return StepCostModel(*(max(float(b), 0.0) for b in beta))
+    design = np.array(rows, dtype=np.float64)
+    if not with_sequences:
+        design = design[:, :3]
+    return StepCostModel(*non_negative_lstsq(design, np.array(seconds)))
+
+
+def non_negative_lstsq(design: np.ndarray, target: np.ndarray) -> list[float]:
+    """argmin ‖design·β − target‖ over β ≥ 0, by trying every subset of columns (a handful here): the
+    best unconstrained fit on a subset whose coefficients are all non-negative, zero elsewhere."""
+    columns = design.shape[1]
+    best, best_error = [0.0] * columns, float(np.sum(target**2))
+    for subset in itertools.chain.from_iterable(
+        itertools.combinations(range(columns), k) for k in range(1, columns + 1)
+    ):
+        beta = np.linalg.lstsq(design[:, subset], target, rcond=None)[0]
+        if (beta < 0).any():
+            continue
+        error = float(np.sum((design[:, subset] @ beta - target) ** 2))
+        if error < best_error:
+            best_error, best = error, [0.0] * columns
+            for column, value in zip(subset, beta):
+                best[column] = float(value)
+    return best
 
 
 def build_engine(config: SchedulerConfig, layout: CacheLayout, num_blocks: int, max_model_len: int,

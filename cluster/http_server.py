@@ -37,9 +37,10 @@ from cluster.errors import (
 from cluster.gateways import Gateway, service_status, serving
 from cluster.http_body import strict_route
 from cluster.http_tokens import add_token_routes
+from cluster.openai_choices import choice_for
 from cluster.openai_protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.request_params import REQUEST_FIELDS
-from cluster.streams import Deadline, TextDeltas
+from cluster.streams import Deadline
 from cluster.tokenizer import Tokenizer
 from scheduler_service.request import RequestOutput
 
@@ -222,7 +223,8 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
         log.warning("request ended with an engine error: %s", output.error if output is not None else "no output")
         return ENGINE_FAILED_REQUEST
 
-    async def run(body, prompt: list[int], chat: bool, received_at: float):  # noqa: ANN202 - JSON or a stream
+    async def run(body, prompt: list[int], chat: bool, received_at: float,  # noqa: ANN202 - JSON or a stream
+                  prompt_given: str | list[int] = ""):
         request_id, outputs = await start(body, prompt, received_at)
         f = front()
         kind = "chat.completion" if chat else "text_completion"
@@ -237,15 +239,14 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
                 await outputs.aclose()
             if (failure := ended_in_error(final)) is not None:
                 raise f.error(failure)
-            choice = {"index": 0, "finish_reason": final.finish_reason}
-            choice |= {"message": {"role": "assistant", "content": final.text}} if chat else {"text": final.text}
+            choice = choice_for(body, 0, prompt_given, f.tokenizer).final(final)
             return {"id": request_id, "object": kind, "created": int(time.time()), "model": f.model_name,
                     "choices": [choice], "usage": usage(final)}
 
         async def events() -> AsyncIterator[str]:
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
             head = {"id": request_id, "object": chunk_kind, "created": int(time.time()), "model": f.model_name}
-            deltas = TextDeltas(body.stops)
+            choice_state = choice_for(body, 0, prompt_given, f.tokenizer)
             if chat:
                 first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 yield f"data: {json.dumps(head | {'choices': [first]})}\n\n"
@@ -254,11 +255,9 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
                 async for final in outputs:
                     if (failure := ended_in_error(final)) is not None:
                         raise f.error(failure)
-                    delta = deltas.next(final)
-                    if not delta and not final.finished:
+                    choice = choice_state.chunk(final)
+                    if choice is None:
                         continue
-                    choice = {"index": 0, "finish_reason": final.finish_reason}
-                    choice |= {"delta": {"content": delta}} if chat else {"text": delta}
                     yield f"data: {json.dumps(head | {'choices': [choice]})}\n\n"
             except Exception as err:  # noqa: BLE001 - the status is sent already: an error event
                 error = err if isinstance(err, OpenAIError) else f.error(classify(err))
@@ -277,12 +276,12 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
     async def completions(body: CompletionRequest):  # noqa: ANN202
         received_at = time.time()
         prompt = front().encode(body.prompt) if isinstance(body.prompt, str) else body.prompt
-        return await run(body, prompt, chat=False, received_at=received_at)
+        return await run(body, prompt, chat=False, received_at=received_at, prompt_given=body.prompt)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):  # noqa: ANN202
         received_at = time.time()
-        prompt = front().tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+        prompt = front().tokenizer.apply_chat_template([m.for_template() for m in body.messages])
         return await run(body, prompt, chat=True, received_at=received_at)
 
     add_token_routes(app, front)

@@ -1,32 +1,30 @@
 """OpenAI-compatible request bodies and error shapes (the subset the engine serves).
 
-Fields follow OpenAI's API plus vLLM's extras (`top_k`, `ignore_eos`, `stop_token_ids`) and ours
-(`cache_type`). A known field that would change the output and is not implemented (`logprobs`,
-penalties, `tools`, ...) is refused with a 400 naming it when set to anything but its "off" value;
-fields that change nothing (`user`, `metadata`, ...) and unknown ones are ignored, as vLLM does, so
-stock clients work.
+Fields follow OpenAI's API plus vLLM's extras (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+`ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`) and ours (`cache_type`). A known field
+that would change the output and is not implemented (`tools`, `response_format`, ...) is refused with
+a 400 naming it when set to anything but its "off" value; fields that change nothing (`user`,
+`metadata`, ...) and unknown ones are ignored, as vLLM does, so stock clients work.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from cluster.errors import Failure, InvalidField
 from cluster.request_params import sampling_params
-from hybrid_cache.plan import SamplingParams
+from hybrid_cache.plan import MAX_LOGPROBS, SamplingParams
 
 # Fields of OpenAI's and vLLM's APIs that would change the output and are not implemented here, each
 # with the values that mean "off" (what stock clients send when their user did not set the field).
 UNSUPPORTED: dict[str, tuple[object, ...]] = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "prompt_logprobs": (None,), "echo": (None, False),
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
-    "length_penalty": (None, 1, 1.0), "logit_bias": (None, {}), "min_p": (None, 0, 0.0), "min_tokens": (None, 0),
+    "prompt_logprobs": (None,), "length_penalty": (None, 1, 1.0),
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
     "functions": (None, []), "function_call": (None, "none", "auto"), "parallel_tool_calls": (None,),
     "suffix": (None, ""), "use_beam_search": (None, False), "allowed_token_ids": (None,),
-    "bad_words": (None, []), "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
+    "bad_words": (None, []), "skip_special_tokens": (None, True),
     "spaces_between_special_tokens": (None, True), "truncate_prompt_tokens": (None,), "logits_processors": (None,),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
     "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,), "structured_outputs": (None,),
@@ -81,6 +79,13 @@ class _SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    min_p: float | None = None
+    min_tokens: int | None = None
+    include_stop_str_in_output: bool = False
     n: int = 1
     best_of: int | None = None
     stream: bool = False
@@ -112,6 +117,11 @@ class _SamplingFields(BaseModel):
             raise ValueError("best_of is not supported")
         return best_of
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """How many alternatives to report per token (None: no logprobs); each request type says."""
+        return None
+
     def sampling_params(self, prompt_len: int, max_model_len: int) -> SamplingParams:
         """Engine sampling params (`cluster/request_params.py`). Raises `InvalidField`."""
         return sampling_params(
@@ -119,6 +129,10 @@ class _SamplingFields(BaseModel):
             top_p=self.top_p, top_k=self.top_k, seed=self.seed,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=self.stop_token_ids or (), ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias, min_p=self.min_p,
+            min_tokens=self.min_tokens, logprobs=self.num_logprobs,
+            include_stop_str_in_output=self.include_stop_str_in_output,
         )
 
     @property
@@ -128,18 +142,51 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives reported per token")
+    echo: bool = False
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
+    """A message; its content is text or a list of text parts (joined by newlines, as vLLM does).
+    `developer` is OpenAI's newer name for `system`: the chat template sees `system`."""
+
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def for_template(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives reported per token")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return top
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def sampling_params(self, prompt_len: int, max_model_len: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:

@@ -25,6 +25,10 @@ class Tokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=True)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text, special tokens included (how logprobs name tokens, as vLLM does)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(self._tok(text, add_special_tokens=False)["input_ids"])

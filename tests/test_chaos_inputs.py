@@ -117,15 +117,20 @@ HTTP_TABLE: list[Bad] = [
     Bad("chat role tool", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]},
         path="/v1/chat/completions", says="role"),
     # Fields that would change the output and are not implemented: refused, named.
-    Bad("logprobs", base(logprobs=5), says="logprobs"),
-    Bad("chat logprobs", CHAT | {"logprobs": True, "top_logprobs": 3}, says="logprobs", path="/v1/chat/completions"),
-    Bad("echo", base(echo=True), says="echo"),
-    Bad("presence_penalty", base(presence_penalty=0.5), says="presence_penalty"),
-    Bad("frequency_penalty", base(frequency_penalty=-1), says="frequency_penalty"),
-    Bad("repetition_penalty", base(repetition_penalty=1.2), says="repetition_penalty"),
-    Bad("logit_bias", base(logit_bias={"5": 10}), says="logit_bias"),
-    Bad("min_p", base(min_p=0.1), says="min_p"),
-    Bad("min_tokens", base(min_tokens=5), says="min_tokens"),
+    # Sampling fields out of range: refused, named.
+    Bad("logprobs over 20", base(logprobs=21), says="logprobs"),
+    Bad("chat top_logprobs without logprobs", CHAT | {"top_logprobs": 3}, says="top_logprobs",
+        path="/v1/chat/completions"),
+    Bad("echo a list", base(echo=[1]), says="echo"),
+    Bad("presence_penalty over 2", base(presence_penalty=2.5), says="presence_penalty"),
+    Bad("frequency_penalty under -2", base(frequency_penalty=-3), says="frequency_penalty"),
+    Bad("repetition_penalty zero", base(repetition_penalty=0), says="repetition_penalty"),
+    Bad("logit_bias a word key", base(logit_bias={"five": 10}), says="logit_bias"),
+    Bad("logit_bias out of vocabulary", base(logit_bias={"1000000000": 1}), says="logit_bias"),
+    Bad("min_p over 1", base(min_p=1.1), says="min_p"),
+    Bad("min_tokens over max_tokens", base(min_tokens=50), says="min_tokens"),
+    Bad("chat content an image", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, path="/v1/chat/completions", says="messages"),
     Bad("response_format", CHAT | {"response_format": {"type": "json_object"}}, says="response_format",
         path="/v1/chat/completions"),
     Bad("tools", CHAT | {"tools": [{"type": "function", "function": {"name": "f"}}]}, says="tools",
@@ -135,8 +140,8 @@ HTTP_TABLE: list[Bad] = [
     Bad("n 2", base(n=2), says="n=1"),
     Bad("best_of 3", base(best_of=3), says="best_of"),
     # Accepted: fields that change nothing, "off" values stock clients send, and unknown fields.
-    Bad("off values of unsupported fields", base(presence_penalty=0, frequency_penalty=0.0, logit_bias=None,
-                                                 logprobs=None, echo=False, n=1), status=(200,)),
+    Bad("off values of sampling fields", base(presence_penalty=0, frequency_penalty=0.0, logit_bias=None,
+                                              logprobs=None, echo=False, n=1), status=(200,)),
     Bad("harmless fields", base(user="u-1", metadata={"k": "v"}, store=False), status=(200,)),
     Bad("unknown field", base(colour="blue"), status=(200,)),
 ]
@@ -203,7 +208,7 @@ def test_ingress_rejections_are_counted_once(server) -> None:
 
     before = counts()
     cases = [Bad("nan", HTTP_TABLE[0].body), Bad("model", base(model="other"), (404,)),
-             Bad("logprobs", base(logprobs=2)), Bad("vocab", base(prompt=[10**9]))]
+             Bad("logprobs", base(logprobs=21)), Bad("vocab", base(prompt=[10**9]))]
     with httpx.Client(base_url=base_url, timeout=60) as client:
         for case in cases:
             assert send(client, case).status_code in case.status

@@ -228,7 +228,9 @@ class Conversion:
 class SequencePlan:
     """One request's share of a step: compute `token_ids` at positions `start_pos..`, then sample one token.
 
-    `start_pos` tokens are already in the cache (in `block_table`, of type `cache_type`).
+    `start_pos` tokens are already in the cache (in `block_table`, of type `cache_type`). `fork_of`
+    names, on a forked sample's first step, the sequence whose first `start_pos` tokens it shares
+    (the sampler copies that history: repetition penalties count the prompt).
     """
 
     seq_id: int
@@ -238,6 +240,7 @@ class SequencePlan:
     block_table: list[int]
     sampling: SamplingParams
     conversion: Conversion | None = None
+    fork_of: int | None = None
 
     @property
     def num_new(self) -> int:

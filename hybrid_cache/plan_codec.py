@@ -28,6 +28,7 @@ from hybrid_cache.plan import (
 EncodedPlan = dict[str, np.ndarray]
 UNSEEDED = -1
 NO_LOGPROBS = -1
+NOT_FORKED = -1
 _FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")
 _TYPES = (CacheType.KV, CacheType.HIDDEN)
 
@@ -70,6 +71,7 @@ def encode_plan(plan: BatchPlan) -> EncodedPlan:
         "logit_bias_ids": bias_ids, "logit_bias_offsets": bias_offsets,
         "logit_bias": np.array(biases, dtype=np.float64),
         "finished_seq_ids": np.array(plan.finished_seq_ids, dtype=np.int64),
+        "fork_of": np.array([NOT_FORKED if s.fork_of is None else s.fork_of for s in seqs], dtype=np.int64),
     }
 
 
@@ -84,6 +86,7 @@ def decode_plan(arrays: EncodedPlan) -> BatchPlan:
     biases, bias_offsets = arrays["logit_bias"].tolist(), arrays["logit_bias_offsets"].tolist()
     bias_values = [biases[bias_offsets[i] : bias_offsets[i + 1]] for i in range(len(bias_offsets) - 1)]
     floats = list(zip(*(arrays[k].tolist() for k in _FLOATS)))
+    forks = arrays["fork_of"].tolist()
     seqs = []
     for i, (seq_id, start, kind, conv_tokens, top_k, seed, min_tokens, logprobs, ignore_eos) in enumerate(
         zip(*(arrays[k].tolist() for k in ("seq_id", "start_pos", "cache_type", "conversion_tokens", "top_k",
@@ -97,7 +100,8 @@ def decode_plan(arrays: EncodedPlan) -> BatchPlan:
             **dict(zip(_FLOATS, floats[i])),
         )
         conversion = Conversion(hidden[i], kv[i], conv_tokens) if conv_tokens >= 0 else None
-        seqs.append(SequencePlan(seq_id, tokens[i], start, _TYPES[kind], blocks[i], sampling, conversion))
+        fork_of = None if forks[i] == NOT_FORKED else forks[i]
+        seqs.append(SequencePlan(seq_id, tokens[i], start, _TYPES[kind], blocks[i], sampling, conversion, fork_of))
     return BatchPlan(seqs, arrays["finished_seq_ids"].tolist())
 
 

@@ -101,3 +101,29 @@ def _row_reference(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
         scaled = scaled.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
     return scaled.softmax(-1)
+
+
+def _seq(seq_id: int, tokens: list[int], start: int, params: SamplingParams, fork_of: int | None = None):
+    from hybrid_cache.plan import CacheType, SequencePlan
+
+    return SequencePlan(seq_id, tokens, start, CacheType.KV, [0], params, fork_of=fork_of)
+
+
+def test_history_follows_chunks_preemption_and_forks() -> None:
+    """Penalties see every token a sequence was fed: prompt chunks sent without its params, a
+    re-prefill after a preemption, and the prompt a forked sample shares with its parent."""
+    from hybrid_cache.plan import BatchPlan
+
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.full((1, 10), 1.0)
+    logits[0, 3] = 5.0  # token 3 is the favourite, and it is in the prompt (5 / 100 < 1)
+    penalised = SamplingParams(temperature=0, repetition_penalty=100.0)
+    greedy = SamplingParams(temperature=0)
+    assert sampler.sample_step(logits, BatchPlan([_seq(0, [3, 4], 0, greedy)])) == [3]  # a chunk: no params
+    assert sampler.sample_step(logits, BatchPlan([_seq(0, [5], 2, penalised)])) != [3]
+    # A re-prefill of prompt + output (after a preemption) still knows token 3.
+    assert sampler.sample_step(logits, BatchPlan([_seq(0, [3, 4, 5, 0], 0, penalised)])) != [3]
+    # A sample forked from sequence 0 after its prompt [3, 4, 5] recomputes the last prompt token.
+    assert sampler.sample_step(logits, BatchPlan([_seq(1, [5], 2, penalised, fork_of=0)])) != [3]
+    # Without the fork it would not know the prompt.
+    assert sampler.sample_step(logits, BatchPlan([_seq(2, [5], 2, penalised)])) == [3]

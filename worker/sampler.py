@@ -61,6 +61,8 @@ class Sampler:
         seq_ids = [s.seq_id for s in plan.seqs]
         params = [s.sampling for s in plan.seqs]
         for seq in plan.seqs:
+            if seq.fork_of is not None and seq.seq_id not in self._history:
+                self._history[seq.seq_id] = self._history.get(seq.fork_of, [])[: seq.start_pos]
             history = self._history.setdefault(seq.seq_id, [])
             del history[seq.start_pos:]  # a re-prefill (after a preemption) feeds the tokens again
             history.extend(seq.token_ids)

@@ -1,4 +1,9 @@
-"""A pool of fixed-size physical cache blocks: who owns which block, nothing about tensors."""
+"""A pool of fixed-size physical cache blocks: who holds which block, nothing about tensors.
+
+A block is free, or held by one or more holders (a reference count that names them): the parallel
+samples of one prompt (`n > 1`) hold its prompt's full blocks together. A block returns to the pool
+when its last holder releases it.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,14 @@ class BlockPoolError(RuntimeError):
 
 
 class BlockPool:
-    """Hands out block ids `0..num_blocks-1`; a block is either free or owned by exactly one holder."""
+    """Hands out block ids `0..num_blocks-1` and counts, by name, who holds each."""
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks <= 0:
             raise ValueError(f"the cache needs at least one block, got num_blocks={num_blocks}")
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
-        self._owner: list[object | None] = [None] * num_blocks
+        self._holders: list[set[object]] = [set() for _ in range(num_blocks)]
 
     @property
     def num_free(self) -> int:
@@ -33,28 +38,42 @@ class BlockPool:
             raise BlockPoolError(f"cannot allocate {count} blocks: {len(self._free)} free")
         blocks = [self._free.popleft() for _ in range(count)]
         for block in blocks:
-            self._owner[block] = owner
+            self._holders[block].add(owner)
         return blocks
 
-    def release(self, blocks: list[int], owner: object) -> None:
-        """Return `owner`'s blocks to the pool."""
+    def share(self, blocks: list[int], holder: object) -> None:
+        """Add `holder` to blocks already held (by someone else): they stay until both release them."""
         for block in blocks:
-            if self._owner[block] is None or self._owner[block] != owner:
-                raise BlockPoolError(f"block {block} released by {owner!r} but owned by {self._owner[block]!r}")
-            self._owner[block] = None
-            self._free.append(block)
+            if not self._holders[block]:
+                raise BlockPoolError(f"block {block} is free: it cannot be shared")
+            if holder in self._holders[block]:
+                raise BlockPoolError(f"block {block} is already held by {holder!r}")
+        for block in blocks:
+            self._holders[block].add(holder)
 
-    def owner_of(self, block: int) -> object | None:
-        return self._owner[block]
+    def release(self, blocks: list[int], owner: object) -> None:
+        """`owner` lets go of its blocks; each returns to the pool once no one else holds it."""
+        for block in blocks:
+            if owner not in self._holders[block]:
+                raise BlockPoolError(f"block {block} released by {owner!r} but held by {self._holders[block]!r}")
+            self._holders[block].discard(owner)
+            if not self._holders[block]:
+                self._free.append(block)
+
+    def refcount(self, block: int) -> int:
+        return len(self._holders[block])
+
+    def holders_of(self, block: int) -> frozenset[object]:
+        return frozenset(self._holders[block])
 
     def check_invariants(self) -> None:
-        """Every block is free xor owned, and appears in the free list at most once."""
+        """Every block is free xor held, and appears in the free list at most once."""
         free = list(self._free)
         if len(set(free)) != len(free):
             raise BlockPoolError("a block is in the free list twice")
         for block in free:
-            if self._owner[block] is not None:
-                raise BlockPoolError(f"block {block} is free but owned by {self._owner[block]!r}")
-        owned = sum(owner is not None for owner in self._owner)
-        if owned + len(free) != self.num_blocks:
-            raise BlockPoolError(f"{owned} owned + {len(free)} free != {self.num_blocks} blocks")
+            if self._holders[block]:
+                raise BlockPoolError(f"block {block} is free but held by {self._holders[block]!r}")
+        held = sum(bool(holders) for holders in self._holders)
+        if held + len(free) != self.num_blocks:
+            raise BlockPoolError(f"{held} held + {len(free)} free != {self.num_blocks} blocks")

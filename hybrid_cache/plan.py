@@ -21,6 +21,8 @@ MAX_INT64 = 2**63 - 1
 MAX_LOGPROBS = 20
 MAX_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
+# Most parallel samples of one prompt (`n`, `best_of`): each is a running sequence with its own blocks.
+MAX_SAMPLES = 64
 
 
 class CacheType(str, enum.Enum):
@@ -76,6 +78,11 @@ class SamplingParams:
       probability. Log probabilities are those of the model's raw logits (before penalties, bias and
       temperature), as vLLM reports by default.
 
+    - `n`: an int in [1, 64]: parallel samples of the prompt returned (they share its prefill and its
+      full prompt blocks; a seeded request's sample i is seeded `seed + i`).
+    - `best_of`: None (= `n`) or an int in [n, 64]: samples generated, of which the `n` with the highest
+      cumulative log probability are returned.
+
     Penalties, bias and `min_tokens` change the logits before the choice, so they apply to greedy
     requests too; `min_p`, like `top_p` and `top_k`, cannot change an argmax.
     """
@@ -96,6 +103,8 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    n: int = 1
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalised values are written with object.__setattr__.
@@ -138,6 +147,12 @@ class SamplingParams:
         logprobs = None if self.logprobs is None else _integer("logprobs", self.logprobs)
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        n = _integer("n", self.n)
+        if not 1 <= n <= MAX_SAMPLES:
+            raise ValueError(f"n must be in [1, {MAX_SAMPLES}], got {self.n!r}")
+        best_of = None if self.best_of is None else _integer("best_of", self.best_of)
+        if best_of is not None and not n <= best_of <= MAX_SAMPLES:
+            raise ValueError(f"best_of must be in [n={n}, {MAX_SAMPLES}], got {self.best_of!r}")
         if temperature < SAMPLING_EPS:  # greedy: the filters cannot change an argmax
             temperature, top_p, top_k, min_p = 0.0, 1.0, 0, 0.0
         return {
@@ -154,11 +169,18 @@ class SamplingParams:
             "min_p": min_p,
             "min_tokens": min_tokens,
             "logprobs": logprobs,
+            "n": n,
+            "best_of": best_of,
         }
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def num_samples(self) -> int:
+        """Samples generated: `best_of`, else `n`."""
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def adjusts_logits(self) -> bool:
@@ -253,10 +275,13 @@ class SequencePlan:
 
 @dataclass
 class BatchPlan:
-    """Everything a worker needs for one step. `finished_seq_ids` lets workers drop per-request state."""
+    """Everything a worker needs for one step. `finished_seq_ids` lets workers drop per-request state.
+    `block_copies` are `(src, dst)` blocks to copy whole before anything else in the step (the
+    copy-on-write of a forked sample's last prompt block)."""
 
     seqs: list[SequencePlan]
     finished_seq_ids: list[int] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 

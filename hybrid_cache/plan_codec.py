@@ -71,6 +71,7 @@ def encode_plan(plan: BatchPlan) -> EncodedPlan:
         "logit_bias_ids": bias_ids, "logit_bias_offsets": bias_offsets,
         "logit_bias": np.array(biases, dtype=np.float64),
         "finished_seq_ids": np.array(plan.finished_seq_ids, dtype=np.int64),
+        "block_copies": np.array(plan.block_copies, dtype=np.int64).reshape(-1, 2),
         "fork_of": np.array([NOT_FORKED if s.fork_of is None else s.fork_of for s in seqs], dtype=np.int64),
     }
 
@@ -102,7 +103,8 @@ def decode_plan(arrays: EncodedPlan) -> BatchPlan:
         conversion = Conversion(hidden[i], kv[i], conv_tokens) if conv_tokens >= 0 else None
         fork_of = None if forks[i] == NOT_FORKED else forks[i]
         seqs.append(SequencePlan(seq_id, tokens[i], start, _TYPES[kind], blocks[i], sampling, conversion, fork_of))
-    return BatchPlan(seqs, arrays["finished_seq_ids"].tolist())
+    copies = [(src, dst) for src, dst in arrays["block_copies"].tolist()]
+    return BatchPlan(seqs, arrays["finished_seq_ids"].tolist(), copies)
 
 
 def encode_sampled(tokens: list[int]) -> EncodedPlan:

@@ -69,6 +69,16 @@ class CacheTensors:
             self.layers.append(LayerCache(buffer, kv[:, 0], kv[:, 1], hidden))
         self.workspace = RecomputeWorkspace(layout, recompute_chunk_tokens, dtype, device)
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks `src -> dst` in every layer (K/V or hidden rows alike: a block is one row
+        of each layer's buffer). The destinations are fresh blocks, never a source of the same call."""
+        if not copies:
+            return
+        src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.layers[0].buffer.device)
+        dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=src.device)
+        for layer in self.layers:
+            layer.buffer.index_copy_(0, dst, layer.buffer.index_select(0, src))
+
     @property
     def nbytes(self) -> int:
         blocks = sum(layer.buffer.numel() * layer.buffer.element_size() for layer in self.layers)

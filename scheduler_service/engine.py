@@ -21,6 +21,7 @@ from scheduler_service.metrics import EngineMetrics
 from scheduler_service.output import append_token
 from scheduler_service.policies import allowed_cache_types, make_policy
 from scheduler_service.request import FinishReason, Request, RequestOutput, RequestStatus
+from scheduler_service.samples import SampleGroup
 from scheduler_service.scheduler import ScheduledStep, Scheduler
 from scheduler_service.step_time import StepTimePredictor, StepTimeReport, StepTimeTracker
 
@@ -63,6 +64,10 @@ class EngineStats:
     # The start-up step-time model (None without one) and its predictions against the measured time
     # of each step's executor call.
     step_time: StepTimeReport = StepTimeReport(None)
+    # Prompts prefilled: requests admitted from the waiting queue (re-admissions after preemption
+    # included; a forked sample shares its prompt's prefill and is not), and parallel samples forked.
+    num_prefills: int = 0
+    num_forked_samples: int = 0
 
 
 class QueueFull(RuntimeError):
@@ -129,6 +134,7 @@ class Engine:
         self._seq_ids = itertools.count()
         self._aborted: list[Request] = []
         self.num_steps = self.num_preemptions = self.num_conversions = self.num_failed_steps = 0
+        self.num_forked_samples = 0  # parallel samples forked from a computed prompt (`n`/`best_of` > 1)
         self.tokens_by_cache_type = {cache_type.value: 0 for cache_type in CacheType}
         self.num_rejected = {"invalid": 0, "queue_full": 0}
         self._counts_lock = threading.Lock()  # rejections are counted from callers' threads too
@@ -173,6 +179,7 @@ class Engine:
             ttft_slo_s=ttft_slo_s or self.config.ttft_slo_s, tbt_slo_s=tbt_slo_s or self.config.tbt_slo_s,
             priority=priority,
         )
+        SampleGroup.start(request)  # n / best_of > 1: this is sample 0 (scheduler_service/samples.py)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request_id
@@ -271,20 +278,23 @@ class Engine:
         `reason` (one of ABORT_REASONS) is counted in the metrics; every abort is an SLO miss.
         """
         request = self.requests.get(request_id)
-        if request is None or request.is_finished:
-            return False
-        request.abort_reason = reason
-        self._finish(request, FinishReason.ABORT)
-        self._aborted.append(request)
-        return True
+        samples = [] if request is None else request.group.members if request.group else [request]
+        live = [sample for sample in samples if not sample.is_finished]
+        for sample in live:  # every sample of the request
+            sample.abort_reason = reason
+            self._finish(sample, FinishReason.ABORT)
+            self._aborted.append(sample)
+        return bool(live)
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         self.scheduler.remove(request)
         ended_early = reason in (FinishReason.ABORT, FinishReason.ERROR)
         request.status = RequestStatus.ABORTED if ended_early else RequestStatus.FINISHED
         request.finish_reason = reason
-        del self.requests[request.request_id]
-        self.metrics.on_finish(request, self.clock())
+        if request.group is None or request.group.finished:  # a request's id lives until its last sample ends
+            del self.requests[request.request_id]
+        if request.sample_index == 0:  # one request in the metrics, however many samples
+            self.metrics.on_finish(request, self.clock())
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborted)
@@ -332,6 +342,11 @@ class Engine:
             return outputs + self._fail_step(step.requests, _INTERNAL_ERROR)
         self.scheduler.end_step(step)
         self.num_steps += 1
+        for request in step.requests:
+            if request.group is not None and request.group.ready_to_fork(request):
+                for sample in request.group.fork(request, self._seq_ids):
+                    self.scheduler.fork(request, sample)
+                    self.num_forked_samples += 1
         if step.predicted_seconds is not None:
             self.step_time.record(step.predicted_seconds, executed)
         now = self.clock()
@@ -409,7 +424,7 @@ class Engine:
         log.error("recovering from %s: ending %d requests in flight", type(err).__name__, len(self.requests))
         outputs = [self._output(r, []) for r in self._aborted]
         self._aborted = []
-        in_flight = list(self.requests.values())
+        in_flight = [s for r in self.requests.values() for s in (r.group.live() if r.group else [r])]
         return outputs + self._fail_step(in_flight, _INTERNAL_ERROR)
 
     def _output(
@@ -421,7 +436,7 @@ class Engine:
             token_ids=list(request.output_token_ids),
             new_token_ids=new,
             text=request.text,
-            finished=request.is_finished,
+            finished=request.is_finished if request.group is None else request.group.reports_end(request),
             finish_reason=request.finish_reason.value if request.finish_reason else None,
             cache_type=request.cache_type.value if request.cache_type else None,
             num_preemptions=request.num_preemptions,
@@ -429,6 +444,7 @@ class Engine:
             new_logprobs=new_logprobs,
             logprobs=request.logprobs if request.is_finished and request.params.logprobs is not None else None,
             stop_reason=request.stop_reason,
+            index=request.sample_index,
         )
 
     # -- reporting -----------------------------------------------------------------------------
@@ -463,6 +479,8 @@ class Engine:
             num_policy_fallbacks=self.scheduler.num_policy_fallbacks,
             healthy=healthy,
             step_time=self.step_time.report(),
+            num_prefills=self.scheduler.num_prefills,
+            num_forked_samples=self.num_forked_samples,
         )
 
     def _timings(self, healthy: bool) -> dict[str, float]:

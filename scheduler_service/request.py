@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hybrid_cache.plan import CacheType, SamplingParams, TokenLogprobs
+
+if TYPE_CHECKING:
+    from scheduler_service.samples import SampleGroup
 
 
 class RequestStatus(str, enum.Enum):
@@ -58,6 +62,10 @@ class Request:
     abort_reason: str | None = None  # why it ended with FinishReason.ABORT: client, timeout or server
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (None: EOS or other)
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # per output token, when asked for
+    # `n`/`best_of` > 1: the samples of the caller's request (`scheduler_service/samples.py`), all with
+    # its `request_id`, and this one's index among them (0: the one that prefills the prompt).
+    group: SampleGroup | None = field(default=None, repr=False)
+    sample_index: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -120,3 +128,4 @@ class RequestOutput:
     new_logprobs: list[TokenLogprobs] | None = None
     logprobs: list[TokenLogprobs] | None = None  # every output token's: on the finished output only
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
+    index: int = 0  # the sample it reports (`n`/`best_of` > 1); `finished` is the whole request's

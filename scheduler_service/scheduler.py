@@ -58,6 +58,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_seq_ids: list[int] = []
+        self._block_copies: list[tuple[int, int]] = []  # the next plan's (forked samples' first steps)
+        self.num_prefills = 0  # admissions: a prompt (and any output) prefilled from its first token
         # Steps where the policy raised, or scheduled nothing while work was pending, and FCFS decided
         # instead. Zero by construction (admission and the policies agree); the soak test checks it.
         self.num_policy_fallbacks = 0
@@ -78,6 +80,18 @@ class Scheduler:
         self.cache.free(request.seq_id)
         request.cache_type = None
         self._finished_seq_ids.append(request.seq_id)
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Start `child`, a parallel sample of `parent` whose prompt was just computed: it shares the
+        prompt's blocks and runs with only the last prompt token to recompute (`CacheManager.fork`);
+        when no block is free for its copy, it waits to be prefilled like a new request instead."""
+        if parent.status is RequestStatus.RUNNING and self.cache.num_free >= 1:
+            self.cache.fork(parent.seq_id, child.seq_id, parent.num_computed_tokens)
+            child.status, child.cache_type = RequestStatus.RUNNING, parent.cache_type
+            child.num_computed_tokens = parent.num_computed_tokens - 1
+            self.running.append(child)
+        else:
+            self.waiting.appendleft(child)
 
     def requeue_finished(self, seq_ids: list[int]) -> None:
         """Tell the workers again about ended sequences (a failed step may not have delivered them)."""
@@ -142,8 +156,8 @@ class Scheduler:
             # Even FCFS found nothing to run: end the oldest request rather than loop on it for ever.
             failed.append((self.waiting[0], "the request cannot be scheduled in this cache"))
 
-        plan = BatchPlan(seqs, finished_seq_ids=self._finished_seq_ids)
-        self._finished_seq_ids = []
+        plan = BatchPlan(seqs, finished_seq_ids=self._finished_seq_ids, block_copies=self._block_copies)
+        self._finished_seq_ids, self._block_copies = [], []
         predicted = self.step_time.seconds(StepLoad.of_plan(plan)) if self.step_time and seqs else None
         return ScheduledStep(plan, requests, len(decision.preempt), converted, failed, predicted)
 
@@ -167,6 +181,9 @@ class Scheduler:
     def _plan_running(self, request: Request, cache_type: CacheType, num_new: int) -> tuple[SequencePlan, bool]:
         """The next `num_new` tokens of a running request (a decode, or a chunk of its prompt)."""
         chunk = self._chunk(request, num_new)
+        copy = self.cache.take_copy(request.seq_id)  # a forked sample's first step: its last block's copy
+        if copy is not None:
+            self._block_copies.append((copy.src, copy.dst))
         conversion = None
         if cache_type is not request.cache_type:
             if cache_type is not CacheType.KV:
@@ -180,6 +197,7 @@ class Scheduler:
         """Admit a waiting request: blocks for its first `num_new` tokens (more come chunk by chunk)."""
         chunk = self._chunk(request, num_new)
         self.cache.allocate(request.seq_id, len(chunk), cache_type)
+        self.num_prefills += 1
         self.waiting.remove(request)
         request.status = RequestStatus.RUNNING
         request.cache_type = cache_type
@@ -203,7 +221,7 @@ class Scheduler:
             token_ids=token_ids,
             start_pos=start,
             cache_type=table.cache_type,
-            block_table=list(table.blocks),
+            block_table=list(table.block_ids),
             sampling=request.params if start + len(token_ids) == request.num_tokens else _DISCARDED,
             conversion=conversion,
         )

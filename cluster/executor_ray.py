@@ -1,22 +1,28 @@
 """The Ray executor: one worker actor per tensor-parallel rank, placed by a placement group.
 
-Each step the encoded plan goes once to every rank (one object in Ray's store, read by all); rank 0
-returns the sampled tokens. If a rank dies the group is torn down and rebuilt (every rank reloads its
-shard) and the step raises ExecutorFailed, so the engine ends the running requests with an error and
-new ones succeed. A start that fails (a rank dies in its constructor, say) leaves nothing behind: its
-actors are killed and its placement group removed, so a later start finds the CPUs free.
+Ray creates, places and kills the ranks; the steps themselves travel over the step channel
+(`worker.step_channel`): one TCP connection per rank, to the rank's node address (127.0.0.1 on a
+local Ray), opened when the group starts and authenticated with a token that only this executor and
+its ranks know. Each step the encoded plan is written once to every rank and rank 0's answer carries
+the sampled tokens: about 0.1 ms of transport where a Ray call per rank cost several
+(docs/ARCHITECTURE.md, "Step dispatch").
+If a rank dies (its connection closes), fails the step or does not answer within the step timeout,
+the group is torn down and rebuilt (every rank reloads its shard) and the step raises ExecutorFailed,
+so the engine ends the running requests with an error and new ones succeed. A start that fails (a
+rank dies in its constructor, say) leaves nothing behind: its actors are killed and its placement
+group removed, so a later start finds the CPUs free.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -27,6 +33,7 @@ from hybrid_cache.plan_codec import encode_plan
 from scheduler_service.executor import ExecutorFailed
 from worker.config import ModelConfig
 from worker.rank_worker import RankWorker
+from worker.step_channel import StepChannelError, StepClient
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,7 @@ class RayExecutor:
         """Start the group; on any failure, kill what was created and remove the placement group."""
         self.workers: list = []
         self.group = None
+        self.channel: StepClient | None = None
         try:
             self._create_group()
         except BaseException:
@@ -84,10 +92,25 @@ class RayExecutor:
             ).remote(model, self.cache, rank, self.tp_size, rendezvous, self.collective_timeout_s))
         self._info: WorkerInfo = ray.get(self.workers[0].info.remote(), timeout=self.step_timeout_s)
         self.ranks = ray.get([w.describe.remote() for w in self.workers], timeout=self.step_timeout_s)
+        self.channel = self._open_channel()
         log.info("tensor-parallel group of %d ranks ready: %s", self.tp_size, self.ranks)
+
+    def _open_channel(self) -> StepClient:
+        """Each rank listens on its node's address (127.0.0.1 on a local Ray: `cluster.ray_runtime`)."""
+        node_id = ray.util.placement_group_table(self.group)["bundles_to_node_id"][0]
+        host = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+        token = secrets.token_hex(32)
+        addresses = ray.get(
+            [w.open_step_channel.remote(host, token, self.step_timeout_s) for w in self.workers],
+            timeout=self.step_timeout_s,
+        )
+        return StepClient([tuple(a) for a in addresses], token, self.step_timeout_s)
 
     def _stop(self) -> None:
         """Kill the ranks and remove the placement group; safe on a half-started group."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         for worker in self.workers:
             try:
                 ray.kill(worker, no_restart=True)
@@ -111,27 +134,15 @@ class RayExecutor:
         return self._info
 
     def execute(self, plan: BatchPlan) -> list[int]:
-        encoded = ray.put(encode_plan(plan))
-        refs = [worker.execute.remote(encoded) for worker in self.workers]
+        assert self.channel is not None, "the group is not running"
         try:
-            results = self._gather(refs)
-        except (RayActorError, RayTaskError, GetTimeoutError) as err:
+            answers = self.channel.run(encode_plan(plan))
+        except StepChannelError as err:
             started = time.monotonic()
             self.rebuild()
-            message = f"{type(err).__name__}: {str(err).splitlines()[0]}"
-            log.error("rebuilt the worker group in %.1f s after: %s", time.monotonic() - started, message)
-            raise ExecutorFailed(message) from err
-        return results[0]
-
-    def _gather(self, refs: list) -> list:
-        """Every rank's answer; raises as soon as one rank fails (the others may be stuck in a collective)."""
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=self.step_timeout_s)
-            if not ready:
-                raise GetTimeoutError(f"no rank answered within {self.step_timeout_s} s")
-            ray.get(ready)  # raises that rank's error
-        return ray.get(refs)
+            log.error("rebuilt the worker group in %.1f s after: %s", time.monotonic() - started, err)
+            raise ExecutorFailed(str(err)) from err
+        return answers[0].tolist()
 
     def timings(self) -> dict[str, float]:
         return ray.get(self.workers[0].timings.remote(), timeout=self.step_timeout_s)

@@ -1,9 +1,10 @@
 """Tensor parallelism over Ray on this CPU: two worker actors in a gloo group on 127.0.0.1.
 
 TP=2 must generate exactly the tokens of TP=1 (both equal transformers' greedy output) in every cache
-mode and under preemption; each rank holds half the heads and half the hidden columns, so its
-hidden/KV ratio stays r; a dead worker ends the running requests with an error and the next request
-succeeds; everything Ray and the workers open listens on loopback.
+mode and under preemption (each step reaching the ranks over their step channel); each rank holds
+half the heads and half the hidden columns, so its hidden/KV ratio stays r; a dead worker (either
+rank) ends the running requests with an error and the next request succeeds; everything Ray and the
+workers open listens on loopback, and the step channel connects to the ranks there.
 """
 
 from __future__ import annotations
@@ -68,14 +69,20 @@ def test_each_rank_holds_its_share(tiny_models: dict[str, Path], make_llm) -> No
     assert split > 0 and all(rank["num_parameters"] == total - split // 2 for rank in ranks)
 
 
-def test_a_dead_worker_fails_running_requests_and_the_group_recovers(tiny_models: dict[str, Path], make_llm) -> None:
+@pytest.mark.parametrize("dead_rank", [0, 1], ids=["rank0", "rank1"])
+def test_a_dead_worker_fails_running_requests_and_the_group_recovers(
+    tiny_models: dict[str, Path], make_llm, dead_rank: int
+) -> None:
+    """Rank 0 answers with the tokens, rank 1 only acknowledges: the death of either is seen through its
+    step channel closing, ends the running requests, and a fresh group serves the next request."""
     llm = tp_llm(make_llm, tiny_models["opt"], num_blocks=64, cache_mode="kv")
     engine, executor = llm.engine, llm.engine.executor
+    pids_before = {r["pid"] for r in executor.ranks}
     long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     ids = [engine.add_request([5, 6, 7, i + 8], long) for i in range(3)]
     for _ in range(3):
         engine.step()
-    ray.kill(executor.workers[1], no_restart=True)
+    ray.kill(executor.workers[dead_rank], no_restart=True)
     ended = {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -85,6 +92,7 @@ def test_a_dead_worker_fails_running_requests_and_the_group_recovers(tiny_models
     assert all(o.finish_reason == "error" and "workers failed" in o.error for o in ended.values())
     assert executor.num_rebuilds == 1 and engine.stats().num_failed_steps == 1
     assert engine.cache.num_free == engine.cache.num_blocks
+    assert not pids_before & {r["pid"] for r in executor.ranks}, "the group was meant to be started afresh"
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 6
 
@@ -128,7 +136,9 @@ def _listening_addresses(pids: set[int]) -> list[str]:
 
 
 def test_every_listening_socket_is_on_loopback(tiny_models: dict[str, Path], make_llm) -> None:
-    tp_llm(make_llm, tiny_models["opt"], num_blocks=64)  # a live TP group: gloo's sockets too
+    llm = tp_llm(make_llm, tiny_models["opt"], num_blocks=64)  # a live TP group: gloo's sockets too
+    # The step channel's listeners close once the executor is connected: check where it connected.
+    assert [host for host, _ in llm.engine.executor.channel.addresses] == ["127.0.0.1"] * 2
     addresses = _listening_addresses(_descendants(os.getpid()))
     assert addresses, "found no listening socket at all: the check would prove nothing"
     # 127.0.0.1, ::1 and ::ffff:127.0.0.1 as /proc writes them

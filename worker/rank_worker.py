@@ -1,7 +1,9 @@
 """One tensor-parallel rank as a long-lived worker: joins its group, loads its shard, runs each step.
 
 Plain Python: `cluster.executor_ray` hosts it in a Ray actor (one per rank); tests can run it in any
-process. Every rank receives the same encoded plan each step; rank 0's answer carries the tokens.
+process. Every rank receives the same encoded plan each step, over its step channel
+(`worker.step_channel`, served on a thread of this process) or through `execute`; rank 0's answer
+carries the tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from hybrid_cache.plan_codec import EncodedPlan, decode_plan
 from worker.config import ModelConfig
 from worker.model_runner import ModelRunner
 from worker.parallel import destroy_tensor_parallel, init_tensor_parallel
+from worker.step_channel import StepServer
 
 
 class RankWorker:
@@ -29,12 +32,21 @@ class RankWorker:
             model = model.model_copy(update={"device": str(device)})
         self.tp = init_tensor_parallel(rank, tp_size, rendezvous_file, device, timeout_s)
         self.runner = ModelRunner(model, cache, self.tp)
+        self.channel: StepServer | None = None
 
     def info(self) -> WorkerInfo:
         return self.runner.info()
 
     def execute(self, plan: EncodedPlan) -> list[int]:
         return self.runner.execute(decode_plan(plan)).token_ids
+
+    def open_step_channel(self, host: str, token: str, hello_timeout_s: float) -> tuple[str, int]:
+        """Listen on `host` (this rank's node address) for the executor, which must present `token`;
+        from then on each plan it sends runs as `execute`. Returns the address to connect to."""
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = StepServer(host, token, self.execute, hello_timeout_s)
+        return self.channel.address
 
     def timings(self) -> dict[str, float]:
         return self.runner.timings()
@@ -53,4 +65,6 @@ class RankWorker:
         } | self.runner.describe()
 
     def shutdown(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
         destroy_tensor_parallel()

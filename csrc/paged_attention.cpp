@@ -3,7 +3,7 @@
 // padding. Parallel over (sequence, query tile, K/V head); the query heads of a K/V head share each
 // key tile (grouped-query attention reads K/V once per group).
 //
-// Registered as torch.ops.aptserve.paged_attention (see worker/kernels.py, which builds and loads it).
+// Registered as torch.ops.aptserve.paged_attention (see hybrid_cache/kernels.py, which builds and loads it).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from hybrid_cache.kernels import load as load_kernels
 from hybrid_cache.layout import CacheLayout
 from hybrid_cache.metadata import AttentionMetadata, build_metadata
+from hybrid_cache.paged_metadata import StepBuffers, build_paged
 from hybrid_cache.plan import BatchPlan
 from hybrid_cache.tensors import LayerCache, RecomputeWorkspace
 
@@ -236,16 +237,21 @@ class CpuPagedBackend(AttentionBackend):
     def __init__(self) -> None:
         load_kernels()
         self._op = torch.ops.aptserve.paged_attention
+        self._store_kv = torch.ops.aptserve.store_kv
+        self._buffers = StepBuffers()  # the step's index arrays, updated in place from step to step
 
     def build_metadata(
         self, plan: BatchPlan, layout: CacheLayout, chunk_tokens: int, dtype: torch.dtype
     ) -> AttentionMetadata:
-        return build_metadata(plan, layout, chunk_tokens, dtype, paged=True)
+        return build_paged(plan, layout, chunk_tokens, self._buffers)
 
     def forward(self, layer, workspace, meta, q, k, v, x, project_kv, scale):  # type: ignore[no-untyped-def]
-        store(layer, meta, k, v, x)
         paged = meta.paged
-        assert paged is not None, "metadata built for another backend"
+        assert paged is not None and paged.slots is not None, "metadata built for another backend"
+        self._store_kv(layer.keys, layer.values, k, v, paged.slots)  # one pass; hidden tokens have no slot
+        if meta.hidden_write_tokens.numel():
+            assert layer.hidden is not None, "hidden rows planned for a model without a hidden cache"
+            layer.hidden[meta.hidden_write_rows] = x[meta.hidden_write_tokens]
         out = torch.empty_like(q)
         if paged.kv is not None:
             b = paged.kv

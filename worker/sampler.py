@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hybrid_cache.kernels import greedy_tokens
 from hybrid_cache.plan import BatchPlan, SampledTokens, SamplingParams, TokenLogprobs
 from worker.logits_adjust import adjust_logits
 
@@ -91,7 +92,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams]) -> list[int]:
         """One token id per row of `logits` `[B, vocab]`."""
         logits = logits.float()
-        tokens = logits.argmax(dim=-1)
+        tokens = greedy_tokens(logits)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
             return tokens.tolist()

@@ -66,6 +66,7 @@ class EngineClient:
         ttft_slo_s: float | None = None,
         tbt_slo_s: float | None = None,
         received_at: float | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Queue the request remotely (bad input raises here, as the engine's own error) and stream it.
         `received_at`: when the ingress received it (`time.time()`), where its TTFT starts."""
@@ -73,6 +74,7 @@ class EngineClient:
         self._streams[request_id] = queue
         try:
             when = {} if received_at is None else {"received_at": received_at}  # else the engine's own clock
+            when["priority"] = priority
             await self.handle.add_request.remote(
                 self.caller, request_id, list(prompt_token_ids), params, cache_type, ttft_slo_s, tbt_slo_s, **when
             )

@@ -35,6 +35,7 @@ class Gateway(Protocol):
         ttft_slo_s: float | None = None,
         tbt_slo_s: float | None = None,
         received_at: float | None = None,
+        priority: int = 0,
     ) -> RequestStream: ...
 
     async def abort(self, request_id: str, reason: str = "client") -> None: ...
@@ -76,11 +77,12 @@ class LocalGateway:
         ttft_slo_s: float | None = None,
         tbt_slo_s: float | None = None,
         received_at: float | None = None,
+        priority: int = 0,
     ) -> RequestStream:
         if request_id in self._live:
             raise DuplicateRequestId(f"request id {request_id!r} is already in use")
         stream = self.engine.generate(prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s,
-                                      received_at=received_at)
+                                      received_at=received_at, priority=priority)
         self._live.add(request_id)
         return RequestStream(stream, abandon=lambda: self.engine.abort(request_id),
                              closed=lambda _: self._live.discard(request_id))

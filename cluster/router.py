@@ -108,6 +108,7 @@ class ReplicaRouter:
         ttft_slo_s: float | None = None,
         tbt_slo_s: float | None = None,
         received_at: float | None = None,
+        priority: int = 0,
     ) -> RequestStream:
         if request_id in self._owner:
             raise DuplicateRequestId(f"request id {request_id!r} is already in use")
@@ -117,7 +118,8 @@ class ReplicaRouter:
                 client = self.clients[index]
                 try:
                     stream = await client.generate(
-                        prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s, received_at
+                        prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s, received_at,
+                        priority=priority,
                     )
                 except Exception as err:
                     if not is_engine_failure(err):

@@ -44,6 +44,7 @@ class _Add:
     ttft_slo_s: float | None
     tbt_slo_s: float | None
     arrival_time: float  # engine clock at the ingress's receipt (or at `generate`), not at the next step
+    priority: int = 0  # vLLM's: lower runs first
 
 
 @dataclass
@@ -168,6 +169,7 @@ class AsyncEngine:
             self.engine.add_request(
                 item.prompt, item.params, request_id=item.request_id, cache_type=item.cache_type,
                 ttft_slo_s=item.ttft_slo_s, tbt_slo_s=item.tbt_slo_s, arrival_time=item.arrival_time,
+                priority=item.priority,
             )
         except (ValueError, QueueFull) as err:  # checked by `generate` already; only a race gets here
             self._send(item.request_id, err, last=True)
@@ -199,6 +201,7 @@ class AsyncEngine:
         tbt_slo_s: float | None = None,
         *,
         received_at: float | None = None,
+        priority: int = 0,
     ) -> RequestStream:
         """Queue a request now and return its stream of outputs (call from a running event loop).
 
@@ -207,7 +210,7 @@ class AsyncEngine:
         that gave the request a token; the last one is finished. If the caller stops iterating, or
         never starts (a client went away), the request is aborted and its blocks are freed.
         `received_at` is the wall-clock time (`time.time()`) at which the ingress received the
-        request: waiting and TTFT count from it.
+        request: waiting and TTFT count from it. `priority`: vLLM's, lower runs first (`Engine.add_request`).
         """
         try:
             prompt, override = self.engine.validate(prompt_token_ids, params, cache_type, ttft_slo_s, tbt_slo_s)
@@ -223,7 +226,7 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise DuplicateRequestId(f"request id {request_id!r} is already in use")
             self._streams[request_id] = _Stream(asyncio.get_running_loop(), queue)
-            self._inbox.append(_Add(request_id, prompt, params, override, ttft_slo_s, tbt_slo_s, arrival))
+            self._inbox.append(_Add(request_id, prompt, params, override, ttft_slo_s, tbt_slo_s, arrival, priority))
             self._cond.notify()
         return RequestStream(request_id, queue, self.abort)
 

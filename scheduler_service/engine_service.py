@@ -81,6 +81,7 @@ class EngineService:
         tbt_slo_s: float | None = None,
         *,
         received_at: float | None = None,
+        priority: int = 0,
     ) -> None:
         """Queue a request; its outputs come from `poll(caller)`. Raises ValueError / QueueFull.
 
@@ -94,7 +95,8 @@ class EngineService:
             box.ready.set()
             return
         stream = self.engine.generate(
-            prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s, received_at=received_at
+            prompt_token_ids, params, request_id, cache_type, ttft_slo_s, tbt_slo_s, received_at=received_at,
+            priority=priority,
         )
         box = self._outbox(caller)
         box.request_ids.add(request_id)

@@ -22,7 +22,8 @@ from cluster.grpc_gen import aptserve_pb2 as pb
 from cluster.http_server import Frontend
 from cluster.request_params import sampling_params
 from cluster.streams import Deadline, TextDeltas
-from hybrid_cache.plan import SamplingParams
+from hybrid_cache.plan import SamplingParams, TokenLogprobs
+from scheduler_service.request import RequestOutput
 
 
 class StatusContext(Protocol):
@@ -70,6 +71,7 @@ class GrpcServicer:
                     request_id=request_id, new_token_ids=output.new_token_ids, text_delta=deltas.next(output),
                     finished=output.finished, finish_reason=output.finish_reason or "",
                     prompt_tokens=len(output.prompt_token_ids), completion_tokens=len(output.token_ids),
+                    logprobs=[self._logprob(lp) for lp in output.new_logprobs or ()], **_stop_reason(output),
                 )
         except GrpcRequestError:
             raise
@@ -87,9 +89,18 @@ class GrpcServicer:
         given = {name: getattr(request, name) for name in _OPTIONAL if request.HasField(name)}
         params = sampling_params(
             len(prompt), self.frontend.gateway.max_model_len, stop=tuple(request.stop),
-            ignore_eos=request.ignore_eos, **given,
+            stop_token_ids=tuple(request.stop_token_ids), ignore_eos=request.ignore_eos,
+            logit_bias=dict(request.logit_bias) or None,
+            include_stop_str_in_output=request.include_stop_str_in_output, **given,
         )
         return prompt, params
+
+    def _logprob(self, logprobs: TokenLogprobs) -> pb.TokenLogprob:
+        text = self.frontend.tokenizer.token_text
+        return pb.TokenLogprob(
+            token_id=logprobs.token_id, token=text(logprobs.token_id), logprob=logprobs.logprob, rank=logprobs.rank,
+            top_logprobs=[pb.TopLogprob(token_id=t, token=text(t), logprob=v) for t, v in logprobs.top],
+        )
 
     async def abort(self, request: pb.AbortRequest, grpc_context: StatusContext) -> pb.AbortResponse:
         try:
@@ -108,7 +119,16 @@ class GrpcServicer:
 
 
 # Optional GenerateRequest fields that map one to one onto sampling fields (unset: the default).
-_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
+             "repetition_penalty", "min_p", "min_tokens", "logprobs")
+
+
+def _stop_reason(output: RequestOutput) -> dict[str, str | int]:
+    """The reply's `stop_reason` oneof: the stop string or stop token id that ended the request."""
+    reason = output.stop_reason
+    if reason is None:
+        return {}
+    return {"stop_string": reason} if isinstance(reason, str) else {"stop_token_id": reason}
 
 # Streams the engine ended without a result: the status the RPC ends with.
 _ENDED_BY = {

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -40,7 +40,7 @@ from cluster.http_tokens import add_token_routes
 from cluster.openai_choices import choice_for
 from cluster.openai_protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.request_params import REQUEST_FIELDS
-from cluster.streams import Deadline
+from cluster.streams import Deadline, merged
 from cluster.tokenizer import Tokenizer
 from scheduler_service.request import RequestOutput
 
@@ -213,8 +213,9 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
 
         return request_id, Deadline(stream, f.request_timeout_s, on_timeout=timed_out)
 
-    def usage(final: RequestOutput) -> dict:
-        prompt, completion = len(final.prompt_token_ids), len(final.token_ids)
+    def usage(finals: list[RequestOutput]) -> dict:
+        prompt = sum(len(final.prompt_token_ids) for final in finals)
+        completion = sum(len(final.token_ids) for final in finals)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def ended_in_error(output: RequestOutput | None) -> Failure | None:
@@ -223,66 +224,77 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
         log.warning("request ended with an engine error: %s", output.error if output is not None else "no output")
         return ENGINE_FAILED_REQUEST
 
-    async def run(body, prompt: list[int], chat: bool, received_at: float,  # noqa: ANN202 - JSON or a stream
-                  prompt_given: str | list[int] = ""):
-        request_id, outputs = await start(body, prompt, received_at)
+    async def run(body, prompts: list[list[int]], chat: bool, received_at: float,  # noqa: ANN202 - JSON or a stream
+                  given: Sequence[str | list[int]] = ("",)):
+        """One engine request per prompt (a batch of completion prompts: choice i answers prompt i)."""
         f = front()
+        started: list[Deadline] = []
+        try:
+            for prompt in prompts:
+                request_id, stream = await start(body, prompt, received_at)
+                started.append(stream)
+        except BaseException:
+            for stream in started:
+                await stream.aclose()
+            raise
+        request_id = request_id if len(started) == 1 else f"cmpl-{uuid.uuid4().hex}"
+        choices = [choice_for(body, i, given[i], f.tokenizer) for i in range(len(started))]
         kind = "chat.completion" if chat else "text_completion"
         if not body.stream:
-            final = None
+            finals: list[RequestOutput | None] = [None] * len(started)
             try:
-                async for output in outputs:
-                    final = output
+                async for i, output in merged(started):
+                    finals[i] = output
             except Exception as err:  # noqa: BLE001 - a timeout, or the engine failed under the request
                 raise f.error(classify(err)) from err
-            finally:
-                await outputs.aclose()
-            if (failure := ended_in_error(final)) is not None:
-                raise f.error(failure)
-            choice = choice_for(body, 0, prompt_given, f.tokenizer).final(final)
+            for final in finals:
+                if (failure := ended_in_error(final)) is not None:
+                    raise f.error(failure)
             return {"id": request_id, "object": kind, "created": int(time.time()), "model": f.model_name,
-                    "choices": [choice], "usage": usage(final)}
+                    "choices": [c.final(final) for c, final in zip(choices, finals)], "usage": usage(finals)}
 
         async def events() -> AsyncIterator[str]:
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
             head = {"id": request_id, "object": chunk_kind, "created": int(time.time()), "model": f.model_name}
-            choice_state = choice_for(body, 0, prompt_given, f.tokenizer)
             if chat:
                 first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 yield f"data: {json.dumps(head | {'choices': [first]})}\n\n"
-            final = None
+            finals: list[RequestOutput | None] = [None] * len(started)
             try:
-                async for final in outputs:
-                    if (failure := ended_in_error(final)) is not None:
+                async for i, output in merged(started):
+                    if (failure := ended_in_error(output)) is not None:
                         raise f.error(failure)
-                    choice = choice_state.chunk(final)
-                    if choice is None:
-                        continue
-                    yield f"data: {json.dumps(head | {'choices': [choice]})}\n\n"
+                    finals[i] = output
+                    choice = choices[i].chunk(output)
+                    if choice is not None:
+                        yield f"data: {json.dumps(head | {'choices': [choice]})}\n\n"
             except Exception as err:  # noqa: BLE001 - the status is sent already: an error event
                 error = err if isinstance(err, OpenAIError) else f.error(classify(err))
                 yield f"data: {json.dumps(error.body())}\n\n"
                 yield "data: [DONE]\n\n"
                 return
-            finally:
-                await outputs.aclose()
-            if body.stream_options and body.stream_options.include_usage and final is not None:
-                yield f"data: {json.dumps(head | {'choices': [], 'usage': usage(final)})}\n\n"
+            if body.stream_options and body.stream_options.include_usage and None not in finals:
+                yield f"data: {json.dumps(head | {'choices': [], 'usage': usage(finals)})}\n\n"
             yield "data: [DONE]\n\n"
 
-        return ClosingStreamingResponse(events(), on_close=outputs.aclose, media_type="text/event-stream")
+        async def close_all() -> None:
+            for stream in started:
+                await stream.aclose()
+
+        return ClosingStreamingResponse(events(), on_close=close_all, media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):  # noqa: ANN202
         received_at = time.time()
-        prompt = front().encode(body.prompt) if isinstance(body.prompt, str) else body.prompt
-        return await run(body, prompt, chat=False, received_at=received_at, prompt_given=body.prompt)
+        given = body.prompts
+        prompts = [front().encode(p) if isinstance(p, str) else p for p in given]
+        return await run(body, prompts, chat=False, received_at=received_at, given=given)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):  # noqa: ANN202
         received_at = time.time()
         prompt = front().tokenizer.apply_chat_template([m.for_template() for m in body.messages])
-        return await run(body, prompt, chat=True, received_at=received_at)
+        return await run(body, [prompt], chat=True, received_at=received_at)
 
     add_token_routes(app, front)
     return app

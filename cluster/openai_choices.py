@@ -91,12 +91,13 @@ class Choice:
         """The chunk for this output, or None when it has nothing to send yet."""
         self._pending += output.new_logprobs or []
         delta = self.deltas.next(output)
-        if not delta and not output.finished:
+        ended = output.finish_reason is not None
+        if not delta and not ended:
             return None
         delta, self.echo = self.echo + delta, ""
         pending, self._pending = self._pending, []
         return {"index": self.index, **self._text(delta), "logprobs": self._logprobs(pending),
-                "finish_reason": output.finish_reason, "stop_reason": output.stop_reason if output.finished else None}
+                "finish_reason": output.finish_reason, "stop_reason": output.stop_reason if ended else None}
 
 
 def choice_for(body: CompletionRequest | ChatCompletionRequest, index: int, prompt: str | list[int],

@@ -141,9 +141,24 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="text, token ids, or a batch of either (one choice per prompt)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives reported per token")
     echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _some_prompt(cls, prompt: str | list) -> str | list:
+        if isinstance(prompt, list) and (not prompt or any(isinstance(p, (str, list)) and not p for p in prompt)):
+            raise ValueError("give a prompt: an empty list or an empty prompt in a batch is not one")
+        return prompt
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the batch (one, unless a list of texts or of token-id lists was given)."""
+        if isinstance(self.prompt, str) or not isinstance(self.prompt[0], (str, list)):
+            return [self.prompt]
+        return list(self.prompt)
 
     @property
     def num_logprobs(self) -> int | None:

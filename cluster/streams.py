@@ -1,7 +1,8 @@
 """A request's output stream as the front ends send it: text deltas and the request's deadline.
 
-HTTP (`cluster/http_server.py`) and gRPC (`cluster/serve_app.py`) both send text through `TextDeltas`
-and bound every stream with `Deadline`, so the two answer the same request the same way.
+HTTP (`cluster/http_server.py`) and gRPC (`cluster/grpc_servicer.py`) both send text through
+`TextDeltas` and bound every stream with `Deadline`, so the two answer the same request the same way;
+`merged` reads the streams of a batch of prompts as one.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class TextDeltas:
         self.sent = 0
 
     def next(self, output: RequestOutput) -> str:
-        text = visible(output.text, self.stops, output.finished)
+        # A sample of several (`n`) ends with its finish reason, before the request's last output.
+        text = visible(output.text, self.stops, output.finished or output.finish_reason is not None)
         delta = text[self.sent:]
         self.sent = max(self.sent, len(text))
         return delta
@@ -134,3 +136,39 @@ class Deadline:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+async def merged(streams: list[Deadline]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The outputs of several streams (a batch of prompts) as they come, each with its stream's index.
+    The first error ends the merge and is raised; however the merge ends, every stream is closed
+    (those not finished abort their requests)."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: Deadline) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((index, output))
+        except Exception as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait((index, err))
+        else:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        for stream in streams:
+            await stream.aclose()

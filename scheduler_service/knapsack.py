@@ -95,13 +95,31 @@ def choose_codes(
     # 3. Fill by density; at equal density a hidden step goes before its own upgrade.
     density = np.divide(gain, blocks, out=np.full(len(gain), np.inf), where=blocks > 0)
     order = np.lexsort((request, kind == _CODE_UPGRADE, -density))
-    blocks_sorted = blocks[order]
+    if int(blocks.sum()) <= capacity:
+        fill_value = _fill_all(chosen, request[order], kind[order], gain[order])
+    else:
+        fill_value = _fill(chosen, request[order], kind[order], blocks[order], gain[order], capacity)
+    # 4. The best single choice, if worth more.
+    best_kv = np.where(kv_ok, value_kv, -np.inf)
+    best_hidden = np.where(hidden_ok, value_hidden, -np.inf)
+    i_kv, i_hidden = int(np.argmax(best_kv)), int(np.argmax(best_hidden))
+    best_value, best_index, best_code = max(
+        (best_kv[i_kv], i_kv, CODE_KV), (best_hidden[i_hidden], i_hidden, CODE_HIDDEN)
+    )
+    if best_value > fill_value:
+        chosen[:] = CODE_SKIP
+        chosen[best_index] = best_code
+    return chosen
+
+
+def _fill(chosen: np.ndarray, request: np.ndarray, kind: np.ndarray, blocks: np.ndarray, gain: np.ndarray,
+          capacity: int) -> float:
+    """Step 3 over steps in fill order: take each that fits (an upgrade only after its hidden step);
+    set `chosen`; the summed gain taken, added in that order."""
     # Once what is left is below every later step's size, nothing more can be taken.
-    smallest_after = np.minimum.accumulate(blocks_sorted[::-1])[::-1].tolist()
+    smallest_after = np.minimum.accumulate(blocks[::-1])[::-1].tolist()
     left, fill_value = capacity, 0.0
-    for position, (i, k, m, g) in enumerate(
-        zip(request[order].tolist(), kind[order].tolist(), blocks_sorted.tolist(), gain[order].tolist())
-    ):
+    for position, (i, k, m, g) in enumerate(zip(request.tolist(), kind.tolist(), blocks.tolist(), gain.tolist())):
         if left < smallest_after[position]:
             break
         if m > left:
@@ -114,17 +132,21 @@ def choose_codes(
             chosen[i] = k
         left -= m
         fill_value += g
-    # 4. The best single choice, if worth more.
-    best_kv = np.where(kv_ok, value_kv, -np.inf)
-    best_hidden = np.where(hidden_ok, value_hidden, -np.inf)
-    i_kv, i_hidden = int(np.argmax(best_kv)), int(np.argmax(best_hidden))
-    best_value, best_index, best_code = max(
-        (best_kv[i_kv], i_kv, CODE_KV), (best_hidden[i_hidden], i_hidden, CODE_HIDDEN)
-    )
-    if best_value > fill_value:
-        chosen[:] = CODE_SKIP
-        chosen[best_index] = best_code
-    return chosen
+    return fill_value
+
+
+def _fill_all(chosen: np.ndarray, request: np.ndarray, kind: np.ndarray, gain: np.ndarray) -> float:
+    """`_fill` when every step fits together (the common case: memory is not short), without its loop:
+    every hidden and KV step is taken, and an upgrade exactly when its hidden step came before it.
+    Returns the same sum, added in the same order (`cumsum` adds left to right, as `_fill` does)."""
+    upgrade = kind == _CODE_UPGRADE
+    position = np.empty(len(chosen), dtype=np.int64)
+    position[request[~upgrade]] = np.flatnonzero(~upgrade)  # each request's own (hidden or KV) step
+    taken = ~upgrade
+    taken[upgrade] = position[request[upgrade]] < np.flatnonzero(upgrade)
+    chosen[request[~upgrade]] = kind[~upgrade]
+    chosen[request[upgrade & taken]] = CODE_KV
+    return float(np.cumsum(gain[taken])[-1]) if taken.any() else 0.0
 
 
 def total(options: Sequence[CacheOption], kinds: Sequence[str]) -> tuple[float, int]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler_service import CacheOption, choose_cache_types
+from scheduler_service import CacheOption, choose_cache_types, knapsack
 from scheduler_service.knapsack import total
 
 RATIOS: list[float] = []
@@ -90,3 +91,22 @@ def test_a_request_that_may_only_use_hidden_keeps_it_whatever_its_size() -> None
     assert choose_cache_types([forced], capacity_blocks=4) == ["hidden"]
     both = CacheOption(value_kv=1.0, blocks_kv=1, value_hidden=0.5, blocks_hidden=1)
     assert choose_cache_types([both], capacity_blocks=4) == ["kv"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(instances(), st.integers(0, 3))
+def test_the_loop_free_fill_decides_as_the_loop(instance: tuple[list[CacheOption], int], slack: int) -> None:
+    """When every step fits, `choose_codes` skips its per-step loop: with capacity at or above the
+    steps' total it must choose exactly as the loop does (the loop is forced by calling it directly)."""
+    options, _ = instance
+    kinds_ample = choose_cache_types(options, 10**6)
+    needed = total(options, kinds_ample)[1]
+    capacity = max(needed + slack, max([o.blocks_kv for o in options], default=0))
+    original = knapsack._fill_all
+    try:
+        knapsack._fill_all = lambda chosen, request, kind, gain: knapsack._fill(  # type: ignore[assignment]
+            chosen, request, kind, np.ones(len(request), dtype=np.int64), gain, len(request))
+        by_loop = choose_cache_types(options, capacity)
+    finally:
+        knapsack._fill_all = original
+    assert choose_cache_types(options, capacity) == by_loop

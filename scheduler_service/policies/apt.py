@@ -76,8 +76,11 @@ class AptPolicy(Policy):
             codes = waiting_choice.tolist()
             admitted = [(r, CacheType(NAMES[k])) for r, k in zip(view.waiting, codes) if k != CODE_SKIP]
         kept, decision.decode = decision.decode, []
-        decodes = [(r, kind) for r, kind in kept if not r.is_prefilling]
-        prompts = [(r, kind) for r, kind in kept if r.is_prefilling] + admitted
+        decodes: list[tuple[Request, CacheType]] = []
+        prompts: list[tuple[Request, CacheType]] = []
+        for item in kept:
+            (prompts if item[0].is_prefilling else decodes).append(item)
+        prompts += admitted
         running_ids = {r.seq_id for r, _ in kept}
         _Builder(view, decision, running_ids).build(decodes, prompts)
         return decision
@@ -144,12 +147,25 @@ class _Builder:
             self._chunks(prompts, budget_s=math.inf)  # the prompts have waited longer: they go anyway
 
     def _decodes(self, decodes: list[tuple[Request, CacheType]]) -> None:
-        for request, kind in decodes:
-            if len(self.decision.decode) >= self.view.config.max_num_seqs or self.tokens_left == 0:
-                return
-            self.tokens_left -= 1
-            self.load.add(1, request.num_computed_tokens, kind is CacheType.HIDDEN)
-            self.decision.decode.append((request, kind))
+        """As many decodes, in order, as the sequence and token budgets allow (one token each)."""
+        room = min(self.view.config.max_num_seqs - len(self.decision.decode), self.tokens_left)
+        taken = decodes[: max(0, room)]
+        if not taken:
+            return
+        self.tokens_left -= len(taken)
+        self.decision.decode += taken
+        # `StepLoad.add(1, start, hidden)` for each, summed: one token attending start + 1 keys.
+        load, history = self.load, 0
+        context = 0
+        for request, kind in taken:
+            start = request.num_computed_tokens
+            context += start + 1
+            if kind is CacheType.HIDDEN:
+                history += start
+        load.sequences += len(taken)
+        load.tokens += len(taken)
+        load.context += context
+        load.hidden_history += history
 
     def _chunks(self, prompts: list[tuple[Request, CacheType]], budget_s: float) -> None:
         """Give each prompt, in order, the longest chunk the token, sequence and time budgets allow."""
@@ -181,12 +197,14 @@ class _Builder:
         view = self.view
         if view.step_time is None:
             return math.inf
-        slack = [
-            r.pending_since() + r.tbt_slo_s - view.now
-            for r, _ in self.decision.decode
-            if r.last_token_time is not None and not r.violates_slo(view.now)
-        ]
-        return min(slack) * view.config.step_time_headroom if slack else math.inf
+        now, tightest = view.now, math.inf
+        for request, _ in self.decision.decode:
+            # `pending_since() + tbt - now` of a request with a token that does not `violates_slo(now)`,
+            # spelled out: this runs for every decode of every step.
+            times = request.token_times
+            if times and not now - times[-1] > request.tbt_slo_s:
+                tightest = min(tightest, times[-1] + request.tbt_slo_s - now)
+        return tightest * view.config.step_time_headroom if tightest < math.inf else math.inf
 
     def _by_urgency(self, prompts: list[tuple[Request, CacheType]]) -> list[tuple[Request, CacheType]]:
         """On-time prompts by the time left to their SLO deadline (TTFT, or TBT for a preempted one

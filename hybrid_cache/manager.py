@@ -137,6 +137,10 @@ class CacheManager:
             self._released_after_step.append((seq_id, [copy.src]))
         return copy
 
+    def copy_pending(self, seq_id: int) -> bool:
+        """`seq_id` was forked and its copy has not been handed to a step yet (`take_copy`)."""
+        return seq_id in self._pending_copies
+
     def free(self, seq_id: int) -> None:
         table = self._tables.pop(seq_id, None)
         if table is not None:

@@ -59,6 +59,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_seq_ids: list[int] = []
         self._block_copies: list[tuple[int, int]] = []  # the next plan's (forked samples' first steps)
+        self._finished_later: list[Request] = []  # ended, but told to the workers once `_forks_pending` clears
         self.num_prefills = 0  # admissions: a prompt (and any output) prefilled from its first token
         # Steps where the policy raised, or scheduled nothing while work was pending, and FCFS decided
         # instead. Zero by construction (admission and the policies agree); the soak test checks it.
@@ -79,7 +80,17 @@ class Scheduler:
             self.waiting.remove(request)
         self.cache.free(request.seq_id)
         request.cache_type = None
-        self._finished_seq_ids.append(request.seq_id)
+        if self._forks_pending(request):  # the workers must keep its history until its samples start
+            self._finished_later.append(request)
+        else:
+            self._finished_seq_ids.append(request.seq_id)
+
+    def _forks_pending(self, request: Request) -> bool:
+        """`request` is a sample 0 whose forked samples have not all had their first step planned: their
+        first step copies its sampler history (`SequencePlan.fork_of`), so the workers keep it meanwhile."""
+        group = request.group
+        return group is not None and request.sample_index == 0 and any(
+            self.cache.copy_pending(sample.seq_id) for sample in group.members[1:])
 
     def fork(self, parent: Request, child: Request) -> None:
         """Start `child`, a parallel sample of `parent` whose prompt was just computed: it shares the
@@ -112,6 +123,10 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def schedule(self, now: float) -> ScheduledStep:
+        # Sample 0s whose samples' first steps were all in earlier plans: the workers may forget them now.
+        ready = [r for r in self._finished_later if not self._forks_pending(r)]
+        self._finished_later = [r for r in self._finished_later if self._forks_pending(r)]
+        self._finished_seq_ids.extend(r.seq_id for r in ready)
         view = SchedulerView(
             waiting=list(self.waiting),
             running=list(self.running),
@@ -182,8 +197,10 @@ class Scheduler:
         """The next `num_new` tokens of a running request (a decode, or a chunk of its prompt)."""
         chunk = self._chunk(request, num_new)
         copy = self.cache.take_copy(request.seq_id)  # a forked sample's first step: its last block's copy
+        fork_of = None
         if copy is not None:
             self._block_copies.append((copy.src, copy.dst))
+            fork_of = request.group.members[0].seq_id if request.group is not None else None
         conversion = None
         if cache_type is not request.cache_type:
             if cache_type is not CacheType.KV:
@@ -191,7 +208,7 @@ class Scheduler:
             conversion = self.cache.convert_to_kv(request.seq_id, request.num_computed_tokens)
             request.cache_type = CacheType.KV
         self.cache.grow(request.seq_id, request.num_computed_tokens + len(chunk))
-        return self._plan(request, chunk, conversion), conversion is not None
+        return self._plan(request, chunk, conversion, fork_of), conversion is not None
 
     def _plan_prefill(self, request: Request, cache_type: CacheType, num_new: int) -> SequencePlan:
         """Admit a waiting request: blocks for its first `num_new` tokens (more come chunk by chunk)."""
@@ -213,7 +230,9 @@ class Scheduler:
         start = request.num_computed_tokens
         return request.all_token_ids[start : start + num_new]
 
-    def _plan(self, request: Request, token_ids: list[int], conversion: Conversion | None) -> SequencePlan:
+    def _plan(
+        self, request: Request, token_ids: list[int], conversion: Conversion | None, fork_of: int | None = None
+    ) -> SequencePlan:
         table = self.cache.table(request.seq_id)
         start = request.num_computed_tokens
         return SequencePlan(
@@ -224,6 +243,7 @@ class Scheduler:
             block_table=list(table.block_ids),
             sampling=request.params if start + len(token_ids) == request.num_tokens else _DISCARDED,
             conversion=conversion,
+            fork_of=fork_of,
         )
 
     def end_step(self, step: ScheduledStep) -> None:

@@ -182,3 +182,25 @@ def test_many_samples_under_a_small_cache_keep_the_invariants(tiny_models, make_
         engine.cache.check_invariants()
     assert ended == {f"r{i}": set(range(5)) for i in range(3)}
     assert_cache_empty(engine)
+
+
+def test_forked_samples_penalise_the_prompt_even_when_sample_0_ended_first(tiny_models, make_llm) -> None:
+    """A repetition penalty counts the prompt: a forked sample takes sample 0's history on its first
+    step, so sample 0 ending before it (max_tokens=1) must not lose that history."""
+    llm = make_llm(tiny_models["opt"], block_size=4, num_blocks=64, cache_mode="kv")
+    engine = llm.engine
+    plain = SamplingParams(temperature=0.0, max_tokens=1)
+    rng = random.Random(0)
+    for _ in range(200):  # a prompt whose unpenalised next token is one of its own tokens
+        prompt = [rng.randrange(3, VOCAB) for _ in range(30)]
+        unpenalised = single(engine, prompt, plain).token_ids[0]
+        if unpenalised in prompt:
+            break
+    else:
+        pytest.fail("no prompt found whose next token repeats it")
+    penalised = SamplingParams(temperature=0.0, max_tokens=1, repetition_penalty=50.0)
+    expected = single(engine, prompt, penalised).token_ids
+    assert expected != [unpenalised], "the penalty must matter for this check"
+    finals = run(engine, prompt, SamplingParams(temperature=0.0, max_tokens=1, repetition_penalty=50.0, n=3))
+    assert {index: out.token_ids for index, out in finals.items()} == {0: expected, 1: expected, 2: expected}
+    assert_cache_empty(engine)

@@ -35,19 +35,25 @@ class LogprobsFormat:
     def __init__(self, token_text: Callable[[int], str], chat: bool, offset: int = 0) -> None:
         self.token_text, self.chat, self.offset = token_text, chat, offset
 
-    def render(self, logprobs: Sequence[TokenLogprobs]) -> dict[str, Any]:
-        return self._chat(logprobs) if self.chat else self._completion(logprobs)
+    def render(self, logprobs: Sequence[TokenLogprobs], prompt: Sequence[tuple[int, TokenLogprobs | None]] = ()
+               ) -> dict[str, Any]:
+        """`logprobs` of generated tokens, after `prompt`'s (completions with `echo`: each prompt
+        token with its logprobs, None for the first)."""
+        if self.chat:
+            return self._chat(logprobs)
+        return self._completion([*prompt, *((lp.token_id, lp) for lp in logprobs)])
 
-    def _completion(self, logprobs: Sequence[TokenLogprobs]) -> dict[str, Any]:
-        tokens = [self.token_text(lp.token_id) for lp in logprobs]
+    def _completion(self, entries: Sequence[tuple[int, TokenLogprobs | None]]) -> dict[str, Any]:
+        tokens = [self.token_text(token) for token, _ in entries]
         offsets = []
         for text in tokens:
             offsets.append(self.offset)
             self.offset += len(text)
         return {
             "tokens": tokens,
-            "token_logprobs": [_finite(lp.logprob) for lp in logprobs],
-            "top_logprobs": [{self.token_text(t): _finite(v) for t, v in lp.top} for lp in logprobs],
+            "token_logprobs": [None if lp is None else _finite(lp.logprob) for _, lp in entries],
+            "top_logprobs": [None if lp is None else {self.token_text(t): _finite(v) for t, v in lp.top}
+                             for _, lp in entries],
             "text_offset": offsets,
         }
 
@@ -74,9 +80,15 @@ class Choice:
         self.index, self.chat, self.logprobs, self.echo = index, chat, logprobs, echo
         self.deltas = TextDeltas(stops)
         self._pending: list[TokenLogprobs] = []
+        self._prompt_pending = bool(echo) and logprobs is not None  # echo's prompt logprobs go first
 
-    def _logprobs(self, logprobs: Sequence[TokenLogprobs] | None) -> dict[str, Any] | None:
-        return None if self.logprobs is None else self.logprobs.render(logprobs or [])
+    def _logprobs(self, logprobs: Sequence[TokenLogprobs] | None, output: RequestOutput) -> dict[str, Any] | None:
+        if self.logprobs is None:
+            return None
+        prompt: list[tuple[int, TokenLogprobs | None]] = []
+        if self._prompt_pending and output.prompt_logprobs is not None:
+            prompt, self._prompt_pending = list(zip(output.prompt_token_ids, output.prompt_logprobs)), False
+        return self.logprobs.render(logprobs or [], prompt)
 
     def _text(self, text: str) -> dict[str, Any]:
         return {"delta": {"content": text}} if self.chat else {"text": text}
@@ -84,7 +96,7 @@ class Choice:
     def final(self, output: RequestOutput) -> dict[str, Any]:
         text = self.echo + output.text
         body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-        return {"index": self.index, **body, "logprobs": self._logprobs(output.logprobs),
+        return {"index": self.index, **body, "logprobs": self._logprobs(output.logprobs, output),
                 "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
 
     def chunk(self, output: RequestOutput) -> dict[str, Any] | None:
@@ -96,7 +108,7 @@ class Choice:
             return None
         delta, self.echo = self.echo + delta, ""
         pending, self._pending = self._pending, []
-        return {"index": self.index, **self._text(delta), "logprobs": self._logprobs(pending),
+        return {"index": self.index, **self._text(delta), "logprobs": self._logprobs(pending, output),
                 "finish_reason": output.finish_reason, "stop_reason": output.stop_reason if ended else None}
 
 
@@ -107,5 +119,7 @@ def choice_for(body: CompletionRequest | ChatCompletionRequest, index: int, prom
     echo = ""
     if not chat and body.echo:
         echo = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
-    logprobs = None if body.num_logprobs is None else LogprobsFormat(tokenizer.token_text, chat, len(echo))
+    # With echo, the prompt's own tokens (and logprobs) come first, from offset 0.
+    offset = 0 if echo and body.num_prompt_logprobs is not None else len(echo)
+    logprobs = None if body.num_logprobs is None else LogprobsFormat(tokenizer.token_text, chat, offset)
     return Choice(index, chat, body.stops, logprobs, echo)

@@ -91,6 +91,7 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     cache_type: Literal["kv", "hidden"] | None = None
+    priority: int = Field(0, description="vLLM's: lower runs first (both policies honour it)")
     ttft_slo_ms: float | None = Field(None, gt=0, description="this request's time-to-first-token SLO")
     tbt_slo_ms: float | None = Field(None, gt=0, description="this request's time-between-tokens SLO")
 
@@ -103,23 +104,23 @@ class _SamplingFields(BaseModel):
                     raise InvalidField(name, f"`{name}` is not supported by this server; leave it unset")
         return data
 
-    @field_validator("n")
+    @field_validator("stream")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, best_of: int | None) -> int | None:
-        if best_of not in (None, 1):
-            raise ValueError("best_of is not supported")
-        return best_of
+    def _best_of_not_streamed(cls, stream: bool, info: ValidationInfo) -> bool:
+        # The best `n` of `best_of` samples are known only when all have ended (OpenAI's rule too).
+        best_of, n = info.data.get("best_of"), info.data.get("n", 1)
+        if stream and best_of is not None and isinstance(n, int) and best_of > n:
+            raise ValueError(f"best_of={best_of} > n={n} cannot be streamed: the best samples are known at the end")
+        return stream
 
     @property
     def num_logprobs(self) -> int | None:
         """How many alternatives to report per token (None: no logprobs); each request type says."""
+        return None
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """The same for prompt tokens (completions with `echo`)."""
         return None
 
     def sampling_params(self, prompt_len: int, max_model_len: int) -> SamplingParams:
@@ -131,8 +132,8 @@ class _SamplingFields(BaseModel):
             stop_token_ids=self.stop_token_ids or (), ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias, min_p=self.min_p,
-            min_tokens=self.min_tokens, logprobs=self.num_logprobs,
-            include_stop_str_in_output=self.include_stop_str_in_output,
+            min_tokens=self.min_tokens, logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs,
+            include_stop_str_in_output=self.include_stop_str_in_output, n=self.n, best_of=self.best_of,
         )
 
     @property
@@ -163,6 +164,10 @@ class CompletionRequest(_SamplingFields):
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
 
 class TextPart(BaseModel):

@@ -13,11 +13,11 @@ from hybrid_cache.plan import SamplingParams
 
 FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "stop", "ignore_eos",
           "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_p", "min_tokens",
-          "logprobs", "include_stop_str_in_output")
+          "logprobs", "include_stop_str_in_output", "prompt_logprobs", "n", "best_of")
 
 # Every request field an error message may name (the engine's included: it checks the prompt and SLOs).
 REQUEST_FIELDS = frozenset(FIELDS) | {"prompt", "model", "cache_type", "ttft_slo_ms", "tbt_slo_ms", "messages",
-                                     "top_logprobs", "echo"}
+                                     "top_logprobs", "echo", "priority"}
 
 
 def sampling_params(
@@ -40,6 +40,9 @@ def sampling_params(
     min_tokens: int | None = None,
     logprobs: int | None = None,
     include_stop_str_in_output: bool = False,
+    prompt_logprobs: int | None = None,
+    n: int = 1,
+    best_of: int | None = None,
 ) -> SamplingParams:
     """Engine sampling params (None: the engine's default); `max_tokens` defaults to what the context
     leaves and may not exceed it. Raises `InvalidField` naming the field at fault."""
@@ -53,14 +56,14 @@ def sampling_params(
     optional = {
         "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed, "presence_penalty": presence_penalty,
         "frequency_penalty": frequency_penalty, "repetition_penalty": repetition_penalty, "logit_bias": logit_bias,
-        "min_p": min_p, "min_tokens": min_tokens, "logprobs": logprobs,
+        "min_p": min_p, "min_tokens": min_tokens, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs,
     }
     given = {name: value for name, value in optional.items() if value is not None}
     try:
         return SamplingParams(
             max_tokens=room if max_tokens is None else max_tokens,
             stop=tuple(stop), stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos,
-            include_stop_str_in_output=include_stop_str_in_output, **given,
+            include_stop_str_in_output=include_stop_str_in_output, n=n, best_of=best_of, **given,
         )
     except (ValueError, TypeError, OverflowError) as err:
         raise InvalidField(field_named_in(str(err), FIELDS), str(err)) from err

@@ -77,6 +77,8 @@ class SamplingParams:
     - `logprobs`: None, or how many alternatives (0..20) to report with each sampled token's log
       probability. Log probabilities are those of the model's raw logits (before penalties, bias and
       temperature), as vLLM reports by default.
+    - `prompt_logprobs`: None, or the same for every prompt token after the first (given the tokens
+      before it): what `echo` with `logprobs` reports.
 
     - `n`: an int in [1, 64]: parallel samples of the prompt returned (they share its prefill and its
       full prompt blocks; a seeded request's sample i is seeded `seed + i`).
@@ -103,6 +105,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
     n: int = 1
     best_of: int | None = None
 
@@ -147,6 +150,9 @@ class SamplingParams:
         logprobs = None if self.logprobs is None else _integer("logprobs", self.logprobs)
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        prompt_logprobs = None if self.prompt_logprobs is None else _integer("prompt_logprobs", self.prompt_logprobs)
+        if prompt_logprobs is not None and not 0 <= prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         n = _integer("n", self.n)
         if not 1 <= n <= MAX_SAMPLES:
             raise ValueError(f"n must be in [1, {MAX_SAMPLES}], got {self.n!r}")
@@ -169,6 +175,7 @@ class SamplingParams:
             "min_p": min_p,
             "min_tokens": min_tokens,
             "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs,
             "n": n,
             "best_of": best_of,
         }
@@ -252,7 +259,9 @@ class SequencePlan:
 
     `start_pos` tokens are already in the cache (in `block_table`, of type `cache_type`). `fork_of`
     names, on a forked sample's first step, the sequence whose first `start_pos` tokens it shares
-    (the sampler copies that history: repetition penalties count the prompt).
+    (the sampler copies that history: repetition penalties count the prompt). `prompt_logprobs`
+    (set by the engine on the chunks of a prompt whose request asked) has the worker return the
+    logprobs of these tokens, each given the tokens before it.
     """
 
     seq_id: int
@@ -263,6 +272,7 @@ class SequencePlan:
     sampling: SamplingParams
     conversion: Conversion | None = None
     fork_of: int | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def num_new(self) -> int:
@@ -302,15 +312,29 @@ class SampledTokens(list):  # list[int]: what every executor returns, with optio
     `TokenLogprobs` or None (not asked for), or None for the whole step when no sequence asked."""
 
     logprobs: list[TokenLogprobs | None] | None = None
+    # Per sequence that set `SequencePlan.prompt_logprobs`, an entry per token it was fed this step
+    # (None where unknown: the first token of the prompt); None for the others, or for the whole step.
+    prompt_logprobs: list[list[TokenLogprobs | None] | None] | None = None
 
-    def __init__(self, token_ids: Iterable[int], logprobs: list[TokenLogprobs | None] | None = None) -> None:
+    def __init__(
+        self,
+        token_ids: Iterable[int],
+        logprobs: list[TokenLogprobs | None] | None = None,
+        prompt_logprobs: list[list[TokenLogprobs | None] | None] | None = None,
+    ) -> None:
         super().__init__(token_ids)
         self.logprobs = logprobs
+        self.prompt_logprobs = prompt_logprobs
 
     def __reduce__(self) -> tuple[object, ...]:  # pickles (Ray) with its logprobs
-        return (SampledTokens, (list(self), self.logprobs))
+        return (SampledTokens, (list(self), self.logprobs, self.prompt_logprobs))
 
 
 def logprobs_of(tokens: Sequence[int]) -> list[TokenLogprobs | None] | None:
     """The per-sequence logprobs an executor returned with `tokens` (None: none asked for, or a plain list)."""
     return tokens.logprobs if isinstance(tokens, SampledTokens) else None
+
+
+def prompt_logprobs_of(tokens: Sequence[int]) -> list[list[TokenLogprobs | None] | None] | None:
+    """The per-sequence prompt logprobs an executor returned with `tokens` (None: none asked for)."""
+    return tokens.prompt_logprobs if isinstance(tokens, SampledTokens) else None

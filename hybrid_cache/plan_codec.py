@@ -71,8 +71,10 @@ def encode_plan(plan: BatchPlan) -> EncodedPlan:
         "logit_bias_ids": bias_ids, "logit_bias_offsets": bias_offsets,
         "logit_bias": np.array(biases, dtype=np.float64),
         "finished_seq_ids": np.array(plan.finished_seq_ids, dtype=np.int64),
-        "block_copies": np.array(plan.block_copies, dtype=np.int64).reshape(-1, 2),
         "fork_of": np.array([NOT_FORKED if s.fork_of is None else s.fork_of for s in seqs], dtype=np.int64),
+        "prompt_logprobs": np.array([NO_LOGPROBS if s.prompt_logprobs is None else s.prompt_logprobs for s in seqs],
+                                    dtype=np.int64),
+        "block_copies": np.array(plan.block_copies, dtype=np.int64).reshape(-1, 2),
     }
 
 
@@ -87,7 +89,7 @@ def decode_plan(arrays: EncodedPlan) -> BatchPlan:
     biases, bias_offsets = arrays["logit_bias"].tolist(), arrays["logit_bias_offsets"].tolist()
     bias_values = [biases[bias_offsets[i] : bias_offsets[i + 1]] for i in range(len(bias_offsets) - 1)]
     floats = list(zip(*(arrays[k].tolist() for k in _FLOATS)))
-    forks = arrays["fork_of"].tolist()
+    forks, prompt_k = arrays["fork_of"].tolist(), arrays["prompt_logprobs"].tolist()
     seqs = []
     for i, (seq_id, start, kind, conv_tokens, top_k, seed, min_tokens, logprobs, ignore_eos) in enumerate(
         zip(*(arrays[k].tolist() for k in ("seq_id", "start_pos", "cache_type", "conversion_tokens", "top_k",
@@ -102,38 +104,63 @@ def decode_plan(arrays: EncodedPlan) -> BatchPlan:
         )
         conversion = Conversion(hidden[i], kv[i], conv_tokens) if conv_tokens >= 0 else None
         fork_of = None if forks[i] == NOT_FORKED else forks[i]
-        seqs.append(SequencePlan(seq_id, tokens[i], start, _TYPES[kind], blocks[i], sampling, conversion, fork_of))
+        prompt_logprobs = None if prompt_k[i] == NO_LOGPROBS else prompt_k[i]
+        seqs.append(SequencePlan(seq_id, tokens[i], start, _TYPES[kind], blocks[i], sampling, conversion, fork_of,
+                                 prompt_logprobs))
     copies = [(src, dst) for src, dst in arrays["block_copies"].tolist()]
     return BatchPlan(seqs, arrays["finished_seq_ids"].tolist(), copies)
 
 
-def encode_sampled(tokens: list[int]) -> EncodedPlan:
-    """A step's answer as flat arrays: the token ids, and the logprobs a `SampledTokens` carries
-    (`decode_sampled` restores both; a plain list comes back as a `SampledTokens` without logprobs)."""
-    arrays = {"tokens": np.asarray(tokens, dtype=np.int64)}
-    logprobs = tokens.logprobs if isinstance(tokens, SampledTokens) else None
-    if logprobs is None:
-        return arrays
-    given = [lp for lp in logprobs if lp is not None]
+def _encode_entries(prefix: str, entries: list[TokenLogprobs | None]) -> EncodedPlan:
+    """Optional `TokenLogprobs` as flat arrays named `prefix`_...: which are given, and their fields."""
+    given = [lp for lp in entries if lp is not None]
     top_ids, top_offsets = _ragged([[t for t, _ in lp.top] for lp in given])
-    return arrays | {
-        "logprob_rows": np.array([i for i, lp in enumerate(logprobs) if lp is not None], dtype=np.int64),
-        "logprob": np.array([lp.logprob for lp in given], dtype=np.float64),
-        "logprob_rank": np.array([lp.rank for lp in given], dtype=np.int64),
-        "top_ids": top_ids, "top_offsets": top_offsets,
-        "top_logprobs": np.array([v for lp in given for _, v in lp.top], dtype=np.float64),
+    return {
+        f"{prefix}_rows": np.array([i for i, lp in enumerate(entries) if lp is not None], dtype=np.int64),
+        f"{prefix}_count": np.array([len(entries)], dtype=np.int64),
+        f"{prefix}_token": np.array([lp.token_id for lp in given], dtype=np.int64),
+        f"{prefix}_logprob": np.array([lp.logprob for lp in given], dtype=np.float64),
+        f"{prefix}_rank": np.array([lp.rank for lp in given], dtype=np.int64),
+        f"{prefix}_top_ids": top_ids, f"{prefix}_top_offsets": top_offsets,
+        f"{prefix}_top_logprobs": np.array([v for lp in given for _, v in lp.top], dtype=np.float64),
     }
+
+
+def _decode_entries(prefix: str, arrays: EncodedPlan) -> list[TokenLogprobs | None]:
+    entries: list[TokenLogprobs | None] = [None] * int(arrays[f"{prefix}_count"][0])
+    ids, values = arrays[f"{prefix}_top_ids"].tolist(), arrays[f"{prefix}_top_logprobs"].tolist()
+    offsets = arrays[f"{prefix}_top_offsets"].tolist()
+    columns = (arrays[f"{prefix}_{k}"].tolist() for k in ("rows", "token", "logprob", "rank"))
+    for j, (row, token, logprob, rank) in enumerate(zip(*columns)):
+        top = tuple(zip(ids[offsets[j] : offsets[j + 1]], values[offsets[j] : offsets[j + 1]]))
+        entries[row] = TokenLogprobs(token, logprob, rank, top)
+    return entries
+
+
+def encode_sampled(tokens: list[int]) -> EncodedPlan:
+    """A step's answer as flat arrays: the token ids, and the logprobs and prompt logprobs a
+    `SampledTokens` carries (`decode_sampled` restores them; a plain list comes back as a
+    `SampledTokens` without any)."""
+    arrays = {"tokens": np.asarray(tokens, dtype=np.int64)}
+    if not isinstance(tokens, SampledTokens):
+        return arrays
+    if tokens.logprobs is not None:
+        arrays |= _encode_entries("logprobs", tokens.logprobs)
+    if tokens.prompt_logprobs is not None:
+        per_seq = tokens.prompt_logprobs
+        lengths = np.array([-1 if lps is None else len(lps) for lps in per_seq], dtype=np.int64)
+        arrays |= _encode_entries("prompt", [lp for lps in per_seq if lps is not None for lp in lps])
+        arrays["prompt_lengths"] = lengths
+    return arrays
 
 
 def decode_sampled(arrays: EncodedPlan) -> SampledTokens:
     tokens = arrays["tokens"].tolist()
-    if "logprob_rows" not in arrays:
-        return SampledTokens(tokens)
-    logprobs: list[TokenLogprobs | None] = [None] * len(tokens)
-    ids, values, offsets = arrays["top_ids"].tolist(), arrays["top_logprobs"].tolist(), arrays["top_offsets"].tolist()
-    for j, (row, logprob, rank) in enumerate(
-        zip(*(arrays[k].tolist() for k in ("logprob_rows", "logprob", "logprob_rank")))
-    ):
-        top = tuple(zip(ids[offsets[j] : offsets[j + 1]], values[offsets[j] : offsets[j + 1]]))
-        logprobs[row] = TokenLogprobs(tokens[row], logprob, rank, top)
-    return SampledTokens(tokens, logprobs)
+    logprobs = _decode_entries("logprobs", arrays) if "logprobs_rows" in arrays else None
+    prompt: list[list[TokenLogprobs | None] | None] | None = None
+    if "prompt_lengths" in arrays:
+        flat, at, prompt = _decode_entries("prompt", arrays), 0, []
+        for length in arrays["prompt_lengths"].tolist():
+            prompt.append(None if length < 0 else flat[at : at + length])
+            at += max(length, 0)
+    return SampledTokens(tokens, logprobs, prompt)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from hybrid_cache.layout import HiddenCacheUnavailable
 from hybrid_cache.manager import CacheManager, CacheUsage
-from hybrid_cache.plan import BatchPlan, CacheType, SamplingParams, TokenLogprobs, logprobs_of
+from hybrid_cache.plan import BatchPlan, CacheType, SamplingParams, TokenLogprobs, logprobs_of, prompt_logprobs_of
 from hybrid_cache.timing import StepTimer
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.executor import Detokenizer, Executor, ExecutorFailed, SequenceFailed
@@ -323,6 +323,7 @@ class Engine:
             if step.plan.finished_seq_ids:
                 self._forget(step.plan)
             return outputs
+        _ask_prompt_logprobs(step)
         try:
             with self.timer.measure("execute"):
                 executed = time.perf_counter()
@@ -350,6 +351,9 @@ class Engine:
         if step.predicted_seconds is not None:
             self.step_time.record(step.predicted_seconds, executed)
         now = self.clock()
+        for request, seq, entries in zip(step.requests, step.plan.seqs, prompt_logprobs_of(tokens) or ()):
+            if entries is not None:
+                _record_prompt_logprobs(request, seq.start_pos, entries)
         logprobs = logprobs_of(tokens) or [None] * len(tokens)
         for request, token, token_logprobs in zip(step.requests, tokens, logprobs):
             if request.num_new_tokens > 0:
@@ -443,6 +447,9 @@ class Engine:
             error=request.error,
             new_logprobs=new_logprobs,
             logprobs=request.logprobs if request.is_finished and request.params.logprobs is not None else None,
+            # With the first token (and the last output): what `echo` shows before the output's own.
+            prompt_logprobs=request.prompt_logprobs if request.params.prompt_logprobs is not None and (
+                len(request.output_token_ids) == 1 or request.is_finished) else None,
             stop_reason=request.stop_reason,
             index=request.sample_index,
         )
@@ -491,6 +498,24 @@ class Engine:
             except Exception:  # noqa: BLE001 - statistics must not fail because a worker is down
                 log.warning("the executor's timings are unavailable", exc_info=True)
         return dict(self._executor_timings)
+
+
+def _ask_prompt_logprobs(step: ScheduledStep) -> None:
+    """Have the workers score the prompt chunks of requests that asked for prompt logprobs and do
+    not have them all yet (a re-prefill after a preemption recomputes none it has)."""
+    for request, seq in zip(step.requests, step.plan.seqs):
+        wanted = request.params.prompt_logprobs
+        if wanted is not None and seq.start_pos < len(request.prompt_token_ids) and (
+                len(request.prompt_logprobs) < len(request.prompt_token_ids)):
+            seq.prompt_logprobs = wanted
+
+
+def _record_prompt_logprobs(request: Request, start: int, entries: list[TokenLogprobs | None]) -> None:
+    """Entries for the prompt positions `start..` (any past the prompt, in a re-prefill, dropped)."""
+    known = request.prompt_logprobs
+    end = min(len(request.prompt_token_ids), start + len(entries))
+    known.extend([None] * (start - len(known)))
+    known[start:end] = entries[: end - start]
 
 
 __all__ = ["ABORT_REASONS", "DuplicateRequestId", "Engine", "EngineStats", "QueueFull"]

@@ -62,6 +62,8 @@ class Request:
     abort_reason: str | None = None  # why it ended with FinishReason.ABORT: client, timeout or server
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (None: EOS or other)
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # per output token, when asked for
+    # Per prompt position, when asked for (`SamplingParams.prompt_logprobs`): None for the first token.
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     # `n`/`best_of` > 1: the samples of the caller's request (`scheduler_service/samples.py`), all with
     # its `request_id`, and this one's index among them (0: the one that prefills the prompt).
     group: SampleGroup | None = field(default=None, repr=False)
@@ -127,5 +129,7 @@ class RequestOutput:
     # Per token of `new_token_ids`, its logprobs when the request asked (`SamplingParams.logprobs`).
     new_logprobs: list[TokenLogprobs] | None = None
     logprobs: list[TokenLogprobs] | None = None  # every output token's: on the finished output only
+    # Every prompt token's (None for the first), when asked: on the first output with a token and the last.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
     index: int = 0  # the sample it reports (`n`/`best_of` > 1); `finished` is the whole request's

@@ -30,7 +30,7 @@ def check(logprobs: list[TokenLogprobs], output: list[int], ref: torch.Tensor, k
         assert len(lp.top) == k
         want = ref[i].topk(k)
         assert [t for t, _ in lp.top] == want.indices.tolist()
-        assert max(abs(a - b) for (_, a), b in zip(lp.top, want.values.tolist())) < TOLERANCE if k else True
+        assert all(abs(a - b) < TOLERANCE for (_, a), b in zip(lp.top, want.values.tolist()))
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +85,30 @@ def test_logprobs_stream_with_each_token(tiny_models: dict[str, Path]) -> None:
             streamed += out.new_logprobs
             final = out
     assert final.finished and final.logprobs == streamed and len(streamed) == 4
+
+
+@pytest.mark.parametrize("chunk", [None, 4, 5], ids=["whole", "chunks-of-4", "chunks-of-5"])
+def test_prompt_logprobs_equal_transformers(make_llm, tiny_models: dict[str, Path], hf_llama, chunk) -> None:
+    """Every prompt token after the first, scored given the tokens before it, across chunk boundaries too."""
+    llm = make_llm(tiny_models["llama"], block_size=4, num_blocks=64, max_num_batched_tokens=chunk)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=3))
+    for out, prompt in zip(outs, PROMPTS):
+        with torch.no_grad():
+            ref = hf_llama(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+        got = out.prompt_logprobs
+        assert len(got) == len(prompt) and got[0] is None
+        check(got[1:], prompt[1:], ref[:-1], 3)
+
+
+def test_sampled_tokens_cross_the_codec_with_their_logprobs() -> None:
+    from hybrid_cache.plan import SampledTokens
+    from hybrid_cache.plan_codec import decode_sampled, encode_sampled
+
+    sampled = SampledTokens([3, 4, 5], [None, TokenLogprobs(4, -1.25, 2, ((7, -0.5), (4, -1.25))),
+                                        TokenLogprobs(5, -0.1, 1)],
+                            [[None, TokenLogprobs(9, -2.0, 3, ((1, -0.1),))], None, []])
+    again = decode_sampled(encode_sampled(sampled))
+    assert again == [3, 4, 5] and again.logprobs == sampled.logprobs
+    assert again.prompt_logprobs == sampled.prompt_logprobs
+    plain = decode_sampled(encode_sampled([1, 2]))
+    assert plain == [1, 2] and plain.logprobs is None and plain.prompt_logprobs is None

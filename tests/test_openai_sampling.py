@@ -204,3 +204,24 @@ def test_bad_chat_values_are_400_naming_the_field(server, body: dict, field: str
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == field
     wait_idle(engine)
+
+
+def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI, hf) -> None:
+    """The prompt's tokens come first, each scored given the tokens before it (None for the first)."""
+    ids = prompt_ids(hf)
+    result = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True,
+                                       logprobs=2, extra_body={"ignore_eos": True})
+    lp = result.choices[0].logprobs
+    with torch.no_grad():
+        ref = hf[0](torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    assert lp.tokens[: len(ids)] == [token_text(hf, t) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert abs(lp.token_logprobs[i] - float(ref[i - 1, ids[i]])) < TOLERANCE
+        assert len(lp.top_logprobs[i]) == 2
+    assert len(lp.tokens) == len(ids) + 3 and result.choices[0].text.startswith(PROMPT)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    streamed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True,
+                                         logprobs=2, stream=True, extra_body={"ignore_eos": True})
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == lp.tokens

@@ -18,6 +18,7 @@ from worker.cuda_graphs import make_decode_graphs
 from worker.loader import load_model
 from worker.models import ForwardContext
 from worker.parallel import SINGLE, TensorParallel
+from worker.prompt_logprobs import prompt_rows
 from worker.sampler import Sampler
 
 
@@ -106,16 +107,21 @@ class ModelRunner:
         if not plan.seqs:
             return StepResult([])
         with self.cache.workspace.timer.measure("model"):
-            if self.graphs is not None and self.graphs.accepts(plan):
+            rows = prompt_rows(plan)  # tokens whose logprobs a prompt asked for (`echo` with `logprobs`)
+            prompt_hidden = None
+            if self.graphs is not None and not rows and self.graphs.accepts(plan):
                 last = self.graphs.forward(plan)  # a decode step: its captured graph, replayed
             else:
                 meta = self.backend.build_metadata(plan, self.layout, self.chunk_tokens, self.dtype).to(self.device)
                 ctx = ForwardContext(meta, self.cache, self.backend)
                 self.model.convert_to_kv(ctx)
                 ids = [t for s in plan.seqs for t in s.token_ids]
-                last = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)[meta.logits_index]
+                hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)
+                last = hidden[meta.logits_index]
+                prompt_hidden = hidden[rows] if rows else None
             if self.tp.rank != 0:
                 return StepResult([])  # the LM head is replicated: rank 0 alone samples
             logits = self.model.compute_logits(last)
-            tokens = self.sampler.sample_step(logits, plan)
+            prompt_logits = self.model.compute_logits(prompt_hidden) if prompt_hidden is not None else None
+            tokens = self.sampler.sample_step(logits, plan, prompt_logits)
         return StepResult(tokens, logits.float() if return_logits else None)

@@ -9,6 +9,7 @@ import torch
 from hybrid_cache.kernels import greedy_tokens
 from hybrid_cache.plan import BatchPlan, SampledTokens, SamplingParams, TokenLogprobs
 from worker.logits_adjust import adjust_logits
+from worker.prompt_logprobs import PromptLogprobs
 
 _MASK64 = (1 << 64) - 1
 
@@ -49,16 +50,21 @@ class Sampler:
         self._seeded: dict[int, torch.Generator] = {}
         self._history: dict[int, list[int]] = {}
         self._prompt_len: dict[int, int] = {}
+        self._prompt = PromptLogprobs()
 
     def forget(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
             self._seeded.pop(seq_id, None)
             self._history.pop(seq_id, None)
             self._prompt_len.pop(seq_id, None)
+        self._prompt.forget(seq_ids)
 
-    def sample_step(self, logits: torch.Tensor, plan: BatchPlan) -> SampledTokens:
+    def sample_step(
+        self, logits: torch.Tensor, plan: BatchPlan, prompt_logits: torch.Tensor | None = None
+    ) -> SampledTokens:
         """One token per sequence of `plan` (rows of `logits` in plan order), with the log
-        probabilities asked for; records the tokens the plan fed each sequence first."""
+        probabilities asked for; records the tokens the plan fed each sequence first.
+        `prompt_logits` are the logits of `prompt_rows(plan)` (`worker/prompt_logprobs.py`)."""
         seq_ids = [s.seq_id for s in plan.seqs]
         params = [s.sampling for s in plan.seqs]
         for seq in plan.seqs:
@@ -80,9 +86,9 @@ class Sampler:
             )
         tokens = self.sample(scores, seq_ids, params)
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if not wanted:
-            return SampledTokens(tokens)
-        return SampledTokens(tokens, token_logprobs(raw, tokens, wanted, [params[i].logprobs or 0 for i in wanted]))
+        logprobs = token_logprobs(raw, tokens, wanted, [params[i].logprobs or 0 for i in wanted]) if wanted else None
+        prompt = self._prompt.compute(plan, prompt_logits) if prompt_logits is not None else None
+        return SampledTokens(tokens, logprobs, prompt)
 
     def _generator(self, seq_id: int, seed: int) -> torch.Generator:
         if seq_id not in self._seeded:

@@ -4,6 +4,7 @@
 
 Sections, each written to `gpu_check.json` and `gpu_check.md` in `--out`:
 
+0. build — both Triton kernels compiled for sm_90 (H100/H200) down to a cubin, which needs no GPU;
 1. parity — greedy tokens of the `triton` backend (CUDA, decode steps on CUDA graphs) equal the CPU
    reference (`torch` backend, CPU, float32) in the kv, hidden and hybrid cache modes, prompts chunked
    and mixed with decodes, on a small random model written here;
@@ -28,6 +29,8 @@ import gc
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -185,6 +188,58 @@ def parity(gpu: bool, interpreted: bool, work: Path) -> dict[str, Any]:
             "ok": all(r["equal"] for r in rows)}
 
 
+# -- 0. the kernels' GPU build -------------------------------------------------------------------------
+KERNEL_INTS = ("block_size", "table_stride", "head_dim", "group", "stride_qt", "stride_qh", "stride_ot", "stride_oh",
+               "stride_lt", "stride_kb", "stride_ko", "stride_kh", "stride_vb", "stride_vo", "stride_vh")
+STORE_INTS = ("stride_kt", "stride_vt", "stride_kb", "stride_ko", "stride_vb", "stride_vo", "width")
+# (storage dtype, index dtype, dot precision, hidden pass merging in place): eager bf16 steps (int32
+# metadata), decode graphs (int64 persistent buffers), the float32 parity model's hidden passes.
+BUILD_VARIANTS = (("bf16", "i32", "tf32", False), ("bf16", "i64", "tf32", False), ("fp32", "i32", "ieee", True))
+
+
+def cross_compile(arch: int) -> list[dict[str, Any]]:
+    """Compile both kernels for CUDA compute capability `arch` (90: H100/H200) down to a cubin with the
+    ptxas Triton ships — no GPU needed. Must run without TRITON_INTERPRET (it patches Triton's language)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hybrid_cache import triton_kernels
+
+    target = GPUTarget("cuda", arch, 32)
+    rows = []
+    for dtype, index, precision, merge in BUILD_VARIANTS:
+        signature = {name: f"*{dtype}" for name in ("out_ptr", "q_ptr", "k_ptr", "v_ptr")}
+        signature |= {name: f"*{index}" for name in ("tables_ptr", "q_start_ptr", "q_len_ptr", "kv_len_ptr")}
+        signature |= {"lse_ptr": "*fp32", "qk_scale": "fp32"} | {name: "i32" for name in KERNEL_INTS}
+        constants = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_D": 128, "CAUSAL": not merge, "WRITE_LSE": merge,
+                     "ACCUMULATE": merge, "DOT_PRECISION": precision, "UPCAST": False}
+        signature |= {name: "constexpr" for name in constants}
+        started = time.perf_counter()
+        attention = triton.compile(ASTSource(triton_kernels._paged_attention_kernel, signature, constants),
+                                   target=target)
+        store_signature = {name: f"*{dtype}" for name in ("k_ptr", "v_ptr", "key_cache_ptr", "value_cache_ptr")}
+        store_signature |= {name: f"*{index}" for name in ("tokens_ptr", "blocks_ptr", "offsets_ptr")}
+        store_signature |= {name: "i32" for name in STORE_INTS} | {"BLOCK": "constexpr"}
+        store = triton.compile(ASTSource(triton_kernels._store_kv_kernel, store_signature, {"BLOCK": 8192}),
+                               target=target)
+        rows.append({"variant": f"{dtype}, {index} indices, {precision} dots" + (", merge" if merge else ""),
+                     "cubin_bytes": len(attention.asm["cubin"]) + len(store.asm["cubin"]),
+                     "shared_bytes": attention.metadata.shared, "seconds": time.perf_counter() - started})
+    return rows
+
+
+def build(arch: int) -> dict[str, Any]:
+    """`cross_compile` in a fresh process without the interpreter (this one may have it on)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--cross-compile", str(arch)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"cross-compiling for sm_{arch} failed:\n{result.stderr[-3000:]}")
+    lines = result.stdout.splitlines()
+    return {"arch": f"sm_{arch}", "triton": lines[0], "rows": json.loads(lines[-1])}
+
+
 # -- 2./3. decode step time, floor, alpha ------------------------------------------------------------
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> float:
     """Bytes per second moved by a device copy (each copy reads and writes `nbytes`)."""
@@ -315,6 +370,11 @@ def markdown(report: dict[str, Any]) -> str:
     for line in report["skipped"]:
         lines.append(f"- skipped: {line}")
     sections = report["sections"]
+    if "build" in sections:
+        b = sections["build"]
+        lines += ["", f"## The kernels compiled for {b['arch']} (H100/H200) by Triton {b['triton']}", "",
+                  "| variant | cubin bytes | shared memory bytes |", "| --- | --- | --- |"]
+        lines += [f"| {r['variant']} | {r['cubin_bytes']} | {r['shared_bytes']} |" for r in b["rows"]]
     if "parity" in sections:
         p = sections["parity"]
         lines += ["", f"## Parity: {p['subject']} vs {p['reference']}", "", "| mode | requests | tokens | equal |",
@@ -357,7 +417,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "gpu_check")
     parser.add_argument("--budget-s", type=float, default=450.0, help="a section that would start later is skipped")
+    parser.add_argument("--cross-compile", type=int, metavar="ARCH", help=argparse.SUPPRESS)  # used by build()
     args = parser.parse_args(argv)
+    if args.cross_compile:
+        import triton
+
+        print(triton.__version__)
+        print(json.dumps(cross_compile(args.cross_compile)))
+        return 0
     deadline = time.monotonic() + args.budget_s
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -385,6 +452,11 @@ def main(argv: list[str] | None = None) -> int:
             "the served run on OPT-13B (ran here: the same replay on the tiny model for a few seconds)",
         ]
 
+    def write() -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+        (args.out / "gpu_check.md").write_text(markdown(report))
+
     def section(name: str, reserve_s: float, run: Callable[[], Any]) -> None:
         if time.monotonic() + reserve_s > deadline:
             report["skipped"].append(f"{name}: not started, the time budget (--budget-s) was nearly spent")
@@ -393,16 +465,16 @@ def main(argv: list[str] | None = None) -> int:
             report["sections"][name] = run()
         except Exception:  # a failed section is reported; the others still run
             report["errors"][name] = traceback.format_exc()
+        write()  # after every section: a run cut short by the outer timeout keeps what it measured
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work = Path(tmp)
+        section("build", 30, lambda: build(90))
         section("parity", 30, lambda: parity(gpu, interpreted, work))
         section("decode", 60, lambda: run_decode(gpu, device, work, deadline))
         section("served", 100 if gpu else 10, lambda: run_served(gpu, work))
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    (args.out / "gpu_check.md").write_text(markdown(report))
+    write()
     print(markdown(report))
     parity_ok = report["sections"].get("parity", {}).get("ok", False)
     return 0 if parity_ok and not report["errors"] else 1

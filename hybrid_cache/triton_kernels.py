@@ -19,7 +19,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "
 LOG2E = 1.4426950408889634  # scores are scaled into base 2 so that the loop uses exp2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_stride"])  # the table width varies from step to step: one compile
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, q_start_ptr, q_len_ptr, kv_len_ptr, lse_ptr,
     qk_scale, block_size, table_stride, head_dim, group,

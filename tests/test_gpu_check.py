@@ -1,6 +1,7 @@
 """bench/gpu_check.sh on a machine without a GPU (the GPU hidden even where there is one): it runs its
-CPU-checkable parts — parity of the triton backend under Triton's interpreter, the plumbing of the
-decode, α and served sections at tiny sizes — writes its JSON and table, and says what it skipped."""
+CPU-checkable parts — the kernels cross-compiled for sm_90, parity of the triton backend under
+Triton's interpreter, the plumbing of the decode, α and served sections at tiny sizes — writes its
+JSON and table, and says what it skipped."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def test_gpu_check_runs_its_cpu_parts_and_says_what_it_skipped(tmp_path: Path) -
     assert "no GPU here" in result.stdout
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["gpu"] is False and report["interpreter"] is True and report["errors"] == {}
+
+    build = report["sections"]["build"]  # the kernels' GPU code generation, checked without a GPU
+    assert build["arch"] == "sm_90" and len(build["rows"]) == 3
+    assert all(row["cubin_bytes"] > 0 for row in build["rows"])
 
     parity = report["sections"]["parity"]
     assert parity["ok"] and "TRITON_INTERPRET" in parity["subject"]

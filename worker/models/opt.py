@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from worker.model_spec import ModelSpec
@@ -21,12 +20,12 @@ class OPTDecoderLayer(nn.Module):
         self.self_attn = CachedAttention(index, spec, rotary=None, out_bias=spec.attention_bias, tp=tp)
         self.final_layer_norm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
         mlp = tp.shard(spec.intermediate_size, "intermediate size")
-        self.fc1 = Linear(spec.hidden_size, mlp.stop - mlp.start, bias=spec.mlp_bias)
+        self.fc1 = Linear(spec.hidden_size, mlp.stop - mlp.start, bias=spec.mlp_bias, relu=True)
         self.fc2 = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = h + self.self_attn(self.self_attn_layer_norm(h), ctx)
-        return h + self.fc2(F.relu(self.fc1(self.final_layer_norm(h))))
+        return h + self.fc2(self.fc1(self.final_layer_norm(h)))
 
 
 class OPTForCausalLM(CausalLM):

@@ -37,12 +37,13 @@ from cluster.errors import (
 from cluster.gateways import Gateway, service_status, serving
 from cluster.http_body import strict_route
 from cluster.http_tokens import add_token_routes
-from cluster.openai_choices import choice_for
+from cluster.openai_choices import Choice, choice_for
 from cluster.openai_protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, OpenAIError
 from cluster.request_params import REQUEST_FIELDS
 from cluster.streams import Deadline, merged
 from cluster.tokenizer import Tokenizer
 from scheduler_service.request import RequestOutput
+from scheduler_service.samples import best_samples
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
         }
         try:
             stream = await f.gateway.generate(prompt, params, request_id, body.cache_type, **slos,
-                                              received_at=received_at)
+                                              received_at=received_at, priority=body.priority)
         except Exception as err:  # noqa: BLE001 - every refusal is answered by its kind
             raise f.error(f.refused(err, engine_checked=True, param="prompt")) from err
 
@@ -213,9 +214,10 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
 
         return request_id, Deadline(stream, f.request_timeout_s, on_timeout=timed_out)
 
-    def usage(finals: list[RequestOutput]) -> dict:
-        prompt = sum(len(final.prompt_token_ids) for final in finals)
-        completion = sum(len(final.token_ids) for final in finals)
+    def usage(finals: list[dict[int, RequestOutput]]) -> dict:
+        """Each prompt's tokens once, and every sample's tokens (best_of: those not returned too)."""
+        prompt = sum(len(next(iter(samples.values())).prompt_token_ids) for samples in finals)
+        completion = sum(len(out.token_ids) for samples in finals for out in samples.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def ended_in_error(output: RequestOutput | None) -> Failure | None:
@@ -226,7 +228,8 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
 
     async def run(body, prompts: list[list[int]], chat: bool, received_at: float,  # noqa: ANN202 - JSON or a stream
                   given: Sequence[str | list[int]] = ("",)):
-        """One engine request per prompt (a batch of completion prompts: choice i answers prompt i)."""
+        """One engine request per prompt (a batch of completion prompts), each with `n` samples (`best_of`
+        generated): choice `i * n + j` is sample j of prompt i, as vLLM numbers them."""
         f = front()
         started: list[Deadline] = []
         try:
@@ -238,34 +241,46 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
                 await stream.aclose()
             raise
         request_id = request_id if len(started) == 1 else f"cmpl-{uuid.uuid4().hex}"
-        choices = [choice_for(body, i, given[i], f.tokenizer) for i in range(len(started))]
+        n = body.n
+        generated = body.best_of or n
         kind = "chat.completion" if chat else "text_completion"
         if not body.stream:
-            finals: list[RequestOutput | None] = [None] * len(started)
+            finals: list[dict[int, RequestOutput]] = [{} for _ in started]
             try:
                 async for i, output in merged(started):
-                    finals[i] = output
+                    finals[i][output.index] = output
             except Exception as err:  # noqa: BLE001 - a timeout, or the engine failed under the request
                 raise f.error(classify(err)) from err
-            for final in finals:
-                if (failure := ended_in_error(final)) is not None:
-                    raise f.error(failure)
+            choices = []
+            for i, samples in enumerate(finals):
+                for output in samples.values():
+                    if (failure := ended_in_error(output)) is not None:
+                        raise f.error(failure)
+                if len(samples) != generated:
+                    raise f.error(ENGINE_FAILED_REQUEST)
+                kept = best_samples(list(samples.values()), n) if generated > n else [samples[j] for j in range(n)]
+                choices += [choice_for(body, i * n + j, given[i], f.tokenizer).final(out) for j, out in enumerate(kept)]
             return {"id": request_id, "object": kind, "created": int(time.time()), "model": f.model_name,
-                    "choices": [c.final(final) for c, final in zip(choices, finals)], "usage": usage(finals)}
+                    "choices": choices, "usage": usage(finals)}
 
         async def events() -> AsyncIterator[str]:
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
             head = {"id": request_id, "object": chunk_kind, "created": int(time.time()), "model": f.model_name}
             if chat:
-                first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                yield f"data: {json.dumps(head | {'choices': [first]})}\n\n"
-            finals: list[RequestOutput | None] = [None] * len(started)
+                for index in range(len(started) * n):
+                    first = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    yield f"data: {json.dumps(head | {'choices': [first]})}\n\n"
+            finals: list[dict[int, RequestOutput]] = [{} for _ in started]
+            choices: dict[tuple[int, int], Choice] = {}
             try:
                 async for i, output in merged(started):
                     if (failure := ended_in_error(output)) is not None:
                         raise f.error(failure)
-                    finals[i] = output
-                    choice = choices[i].chunk(output)
+                    finals[i][output.index] = output
+                    key = (i, output.index)
+                    if key not in choices:
+                        choices[key] = choice_for(body, i * n + output.index, given[i], f.tokenizer)
+                    choice = choices[key].chunk(output)
                     if choice is not None:
                         yield f"data: {json.dumps(head | {'choices': [choice]})}\n\n"
             except Exception as err:  # noqa: BLE001 - the status is sent already: an error event
@@ -273,7 +288,7 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
                 yield f"data: {json.dumps(error.body())}\n\n"
                 yield "data: [DONE]\n\n"
                 return
-            if body.stream_options and body.stream_options.include_usage and None not in finals:
+            if body.stream_options and body.stream_options.include_usage and all(finals):
                 yield f"data: {json.dumps(head | {'choices': [], 'usage': usage(finals)})}\n\n"
             yield "data: [DONE]\n\n"
 

@@ -137,8 +137,10 @@ HTTP_TABLE: list[Bad] = [
         path="/v1/chat/completions"),
     Bad("suffix", base(suffix="end"), says="suffix"),
     Bad("guided_json", base(guided_json={"type": "object"}), says="guided_json"),
-    Bad("n 2", base(n=2), says="n=1"),
-    Bad("best_of 3", base(best_of=3), says="best_of"),
+    Bad("n 0", base(n=0), says="n must be"),
+    Bad("n over the limit", base(n=1000), says="n must be"),
+    Bad("best_of under n", base(n=3, best_of=2), says="best_of"),
+    Bad("best_of streamed", base(n=1, best_of=2, stream=True), says="best_of"),
     # Accepted: fields that change nothing, "off" values stock clients send, and unknown fields.
     Bad("off values of sampling fields", base(presence_penalty=0, frequency_penalty=0.0, logit_bias=None,
                                               logprobs=None, echo=False, n=1), status=(200,)),

@@ -127,8 +127,8 @@ def test_models_and_health(server) -> None:
     ("body", "status", "message"),
     [
         ({"model": "other", "prompt": "hi"}, 404, "does not exist"),
-        ({"model": MODEL, "prompt": "hi", "n": 2}, 400, "n=1"),
-        ({"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
+        ({"model": MODEL, "prompt": "hi", "n": 0}, 400, "n must be"),
+        ({"model": MODEL, "prompt": "hi", "n": 2, "best_of": 1}, 400, "best_of"),
         ({"model": MODEL, "prompt": ""}, 400, "empty"),
         ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
         ({"model": MODEL, "prompt": "hi", "max_tokens": 5000}, 400, "maximum context length"),

@@ -53,7 +53,7 @@ class GrpcServicer:
                 prompt, params, request_id, request.cache_type or None,
                 request.ttft_slo_ms / 1000 if request.HasField("ttft_slo_ms") else None,
                 request.tbt_slo_ms / 1000 if request.HasField("tbt_slo_ms") else None,
-                received_at=received_at,
+                received_at=received_at, priority=request.priority,
             )
         except Exception as err:  # noqa: BLE001 - refused by the router or at admission
             _fail(grpc_context, f.refused(err, engine_checked=True, param="prompt"))
@@ -62,13 +62,14 @@ class GrpcServicer:
             await gateway.abort(request_id, reason="timeout")
 
         outputs = Deadline(stream, f.request_timeout_s, on_timeout=timed_out)
-        deltas = TextDeltas(tuple(request.stop))
+        deltas: dict[int, TextDeltas] = {}  # per sample (`n`): each has its own text
         try:
             async for output in outputs:
                 if output.finish_reason in _ENDED_BY:
                     _fail(grpc_context, _ENDED_BY[output.finish_reason])
+                delta = deltas.setdefault(output.index, TextDeltas(tuple(request.stop))).next(output)
                 yield pb.GenerateResponse(
-                    request_id=request_id, new_token_ids=output.new_token_ids, text_delta=deltas.next(output),
+                    request_id=request_id, index=output.index, new_token_ids=output.new_token_ids, text_delta=delta,
                     finished=output.finished, finish_reason=output.finish_reason or "",
                     prompt_tokens=len(output.prompt_token_ids), completion_tokens=len(output.token_ids),
                     logprobs=[self._logprob(lp) for lp in output.new_logprobs or ()], **_stop_reason(output),
@@ -120,7 +121,7 @@ class GrpcServicer:
 
 # Optional GenerateRequest fields that map one to one onto sampling fields (unset: the default).
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
-             "repetition_penalty", "min_p", "min_tokens", "logprobs")
+             "repetition_penalty", "min_p", "min_tokens", "logprobs", "n")
 
 
 def _stop_reason(output: RequestOutput) -> dict[str, str | int]:

@@ -147,3 +147,29 @@ def test_a_client_that_leaves_mid_stream_frees_every_sample(server) -> None:
                 break  # leave after the first chunk
     wait_idle(engine)
     engine.engine.cache.check_invariants()
+
+
+def test_grpc_streams_n_samples_with_their_index_and_passes_priority(server, tiny_opt_with_tokenizer: Path,
+                                                                    client: openai.OpenAI) -> None:
+    import asyncio
+
+    from test_chaos_inputs import call, frontend_for
+
+    from cluster.grpc_gen import aptserve_pb2 as pb
+    from cluster.grpc_servicer import GrpcServicer
+
+    _, engine = server
+    frontend = frontend_for(engine, tiny_opt_with_tokenizer)
+    frontend.gateway = RecordingGateway(engine)
+    RecordingGateway.priorities.clear()
+    request = pb.GenerateRequest(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=21,
+                                 ignore_eos=True, n=3, priority=4)
+    replies, context = asyncio.run(call(GrpcServicer(frontend), request))
+    assert context.code is None and RecordingGateway.priorities == [4]
+    texts: dict[int, str] = {}
+    for reply in replies:
+        texts[reply.index] = texts.get(reply.index, "") + reply.text_delta
+    assert [r.finished for r in replies].count(True) == 1 and replies[-1].finished
+    http = create(client, n=3)
+    assert texts == {c.index: c.text for c in http.choices}
+    wait_idle(engine)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63luster/grpc_gen/aptserve.proto\x12\x0b\x61ptserve.v1\"\xcb\x06\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\ncache_type\x18\x0b \x01(\t\x12\x18\n\x0bttft_slo_ms\x18\x0c \x01(\x01H\x05\x88\x01\x01\x12\x17\n\ntbt_slo_ms\x18\r \x01(\x01H\x06\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12\x16\n\x0estop_token_ids\x18\x0f \x03(\x05\x12\x1d\n\x10presence_penalty\x18\x10 \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x11 \x01(\x01H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x12 \x01(\x01H\t\x88\x01\x01\x12?\n\nlogit_bias\x18\x13 \x03(\x0b\x32+.aptserve.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\x05min_p\x18\x14 \x01(\x01H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x15 \x01(\x05H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x16 \x01(\x05H\x0c\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x17 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0e\n\x0c_ttft_slo_msB\r\n\x0b_tbt_slo_msB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\r\n\x0b_min_tokensB\x0b\n\t_logprobs\"}\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.aptserve.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\x98\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x05\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.aptserve.v1.TokenLogprob\x12\x15\n\x0bstop_string\x18\t \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\n \x01(\x05H\x00\x42\r\n\x0bstop_reason\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\" \n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"_\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x32\xa4\x02\n\x08\x41ptServe\x12I\n\x08Generate\x12\x1c.aptserve.v1.GenerateRequest\x1a\x1d.aptserve.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.aptserve.v1.AbortRequest\x1a\x1a.aptserve.v1.AbortResponse\x12\x41\n\x06Health\x12\x1a.aptserve.v1.HealthRequest\x1a\x1b.aptserve.v1.HealthResponse\x12J\n\tModelInfo\x12\x1d.aptserve.v1.ModelInfoRequest\x1a\x1e.aptserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63luster/grpc_gen/aptserve.proto\x12\x0b\x61ptserve.v1\"\xf3\x06\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\ncache_type\x18\x0b \x01(\t\x12\x18\n\x0bttft_slo_ms\x18\x0c \x01(\x01H\x05\x88\x01\x01\x12\x17\n\ntbt_slo_ms\x18\r \x01(\x01H\x06\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12\x16\n\x0estop_token_ids\x18\x0f \x03(\x05\x12\x1d\n\x10presence_penalty\x18\x10 \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x11 \x01(\x01H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x12 \x01(\x01H\t\x88\x01\x01\x12?\n\nlogit_bias\x18\x13 \x03(\x0b\x32+.aptserve.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\x05min_p\x18\x14 \x01(\x01H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x15 \x01(\x05H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x16 \x01(\x05H\x0c\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x17 \x01(\x08\x12\x0e\n\x01n\x18\x18 \x01(\x05H\r\x88\x01\x01\x12\x10\n\x08priority\x18\x19 \x01(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0e\n\x0c_ttft_slo_msB\r\n\x0b_tbt_slo_msB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x04\n\x02_n\"}\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.aptserve.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\xa7\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x05\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.aptserve.v1.TokenLogprob\x12\x15\n\x0bstop_string\x18\t \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\n \x01(\x05H\x00\x12\r\n\x05index\x18\x0b \x01(\x05\x42\r\n\x0bstop_reason\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\" \n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"_\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x32\xa4\x02\n\x08\x41ptServe\x12I\n\x08Generate\x12\x1c.aptserve.v1.GenerateRequest\x1a\x1d.aptserve.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.aptserve.v1.AbortRequest\x1a\x1a.aptserve.v1.AbortResponse\x12\x41\n\x06Health\x12\x1a.aptserve.v1.HealthRequest\x1a\x1b.aptserve.v1.HealthResponse\x12J\n\tModelInfo\x12\x1d.aptserve.v1.ModelInfoRequest\x1a\x1e.aptserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=49
-  _globals['_GENERATEREQUEST']._serialized_end=892
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=649
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=697
-  _globals['_TOKENLOGPROB']._serialized_start=894
-  _globals['_TOKENLOGPROB']._serialized_end=1019
-  _globals['_TOPLOGPROB']._serialized_start=1021
-  _globals['_TOPLOGPROB']._serialized_end=1083
-  _globals['_GENERATERESPONSE']._serialized_start=1086
-  _globals['_GENERATERESPONSE']._serialized_end=1366
-  _globals['_ABORTREQUEST']._serialized_start=1368
-  _globals['_ABORTREQUEST']._serialized_end=1402
-  _globals['_ABORTRESPONSE']._serialized_start=1404
-  _globals['_ABORTRESPONSE']._serialized_end=1436
-  _globals['_HEALTHREQUEST']._serialized_start=1438
-  _globals['_HEALTHREQUEST']._serialized_end=1453
-  _globals['_HEALTHRESPONSE']._serialized_start=1455
-  _globals['_HEALTHRESPONSE']._serialized_end=1487
-  _globals['_MODELINFOREQUEST']._serialized_start=1489
-  _globals['_MODELINFOREQUEST']._serialized_end=1507
-  _globals['_MODELINFORESPONSE']._serialized_start=1509
-  _globals['_MODELINFORESPONSE']._serialized_end=1604
-  _globals['_APTSERVE']._serialized_start=1607
-  _globals['_APTSERVE']._serialized_end=1899
+  _globals['_GENERATEREQUEST']._serialized_end=932
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=683
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=731
+  _globals['_TOKENLOGPROB']._serialized_start=934
+  _globals['_TOKENLOGPROB']._serialized_end=1059
+  _globals['_TOPLOGPROB']._serialized_start=1061
+  _globals['_TOPLOGPROB']._serialized_end=1123
+  _globals['_GENERATERESPONSE']._serialized_start=1126
+  _globals['_GENERATERESPONSE']._serialized_end=1421
+  _globals['_ABORTREQUEST']._serialized_start=1423
+  _globals['_ABORTREQUEST']._serialized_end=1457
+  _globals['_ABORTRESPONSE']._serialized_start=1459
+  _globals['_ABORTRESPONSE']._serialized_end=1491
+  _globals['_HEALTHREQUEST']._serialized_start=1493
+  _globals['_HEALTHREQUEST']._serialized_end=1508
+  _globals['_HEALTHRESPONSE']._serialized_start=1510
+  _globals['_HEALTHRESPONSE']._serialized_end=1542
+  _globals['_MODELINFOREQUEST']._serialized_start=1544
+  _globals['_MODELINFOREQUEST']._serialized_end=1562
+  _globals['_MODELINFORESPONSE']._serialized_start=1564
+  _globals['_MODELINFORESPONSE']._serialized_end=1659
+  _globals['_APTSERVE']._serialized_start=1662
+  _globals['_APTSERVE']._serialized_end=1954
 # @@protoc_insertion_point(module_scope)

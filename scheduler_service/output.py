@@ -13,8 +13,9 @@ def append_token(
 
     EOS (unless `ignore_eos`), a stop token id or a stop string stops it, once it has `min_tokens`
     tokens (the sampler keeps stop tokens out before that; a stop string found earlier is ignored, as
-    in vLLM). A stop string is cut from the text, with what follows it, unless
-    `include_stop_str_in_output`. `request.stop_reason` names the stop string or stop token id.
+    in vLLM). A stop string is cut from the text, with what follows it, and a stop token's text is
+    left out, unless `include_stop_str_in_output`. `request.stop_reason` names the stop string or
+    stop token id.
     """
     request.output_token_ids.append(token)
     params = request.params
@@ -28,7 +29,12 @@ def append_token(
         reason = FinishReason.LENGTH
     if detokenizer is not None:
         previous = len(request.text)
-        request.text = detokenizer.decode(request.output_token_ids)
+        # As vLLM: the text of the token that stopped the request (EOS, a stop token id) is left out,
+        # unless `include_stop_str_in_output`.
+        tokens = request.output_token_ids
+        if reason is FinishReason.STOP and not params.include_stop_str_in_output:
+            tokens = tokens[:-1]
+        request.text = detokenizer.decode(tokens)
         if params.stop and may_stop:
             # Only the new text (plus the tail a stop string may straddle) can hold a new match.
             start = max(0, previous - max(len(s) for s in params.stop) + 1)

@@ -74,3 +74,29 @@ def test_context_limit_ends_with_length(engine: Engine) -> None:
     prompt = [7] * (limit - 3)
     out = run(engine, prompt, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
     assert out.finish_reason == "length" and len(out.token_ids) == 3
+
+
+def test_stop_token_text_and_stop_string_kept_only_when_asked(engine: Engine) -> None:
+    free = run(engine, PROMPT, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    third = free.token_ids[2]
+    first = free.token_ids.index(third)
+    dropped = run(engine, PROMPT, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[third]))
+    assert dropped.text == free.text[:first] and dropped.stop_reason == third
+    kept = run(engine, PROMPT, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[third],
+                                              include_stop_str_in_output=True))
+    assert kept.text == free.text[: first + 1]
+    stop = free.text[4:6]
+    cut = free.text.find(stop)
+    with_stop = run(engine, PROMPT, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop],
+                                                   include_stop_str_in_output=True))
+    assert with_stop.text == free.text[: cut + len(stop)] and with_stop.stop_reason == stop
+
+
+def test_min_tokens_ignores_an_early_stop_string(engine: Engine) -> None:
+    free = run(engine, PROMPT, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    stop = free.text[1]  # one letter: found in the second token's text
+    early = run(engine, PROMPT, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))
+    assert len(early.token_ids) == free.text.find(stop) + 1
+    late = run(engine, PROMPT, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop], min_tokens=6))
+    later_hit = free.text.find(stop, 5)
+    assert len(late.token_ids) == (later_hit + 1 if later_hit >= 0 else 12)

@@ -226,7 +226,9 @@ def _logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise ValueError(f"logit_bias must map token ids to numbers, got {item!r}")
         key, value = item
-        if isinstance(key, str) and key.strip().isdigit():
+        if isinstance(key, str):
+            if not key.strip().isdecimal():
+                raise ValueError(f"logit_bias keys must be token ids (strings of digits), got {key!r}")
             key = int(key)
         token = _integer("logit_bias", key)
         if token < 0:

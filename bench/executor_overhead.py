@@ -1,13 +1,24 @@
-"""Per-step time of the Ray executor against the in-process executor, same model and batch.
+"""Per-step dispatch overhead of the Ray executor against the in-process executor, in one run.
 
-    .venv/bin/python -m bench.executor_overhead [--model DIR] [--batch 16] [--prompt 128] [--output 64]
+    .venv/bin/python -m bench.executor_overhead [--batch 16] [--prompt 32] [--output 64] [--rounds 5]
 
-Runs, one after another in this process (Ray started once, on loopback), `--repeats` rounds
-interleaved: in-process (TP=1, 2 torch threads), Ray TP=1 (one worker actor, 2 threads) and Ray TP=2
-(two actors, 1 thread each). Each generates the same greedy batch. Reported per setup (best round):
-the median decode step (engine.step wall time, after the prefill), and the executor overhead per
-step: wall time minus rank 0's own model time (`timings()["model"]`), i.e. scheduling, plan
-encoding, Ray calls and waiting for the other ranks — the part that does not depend on compute noise.
+Three engines run side by side in this process over the same tiny dummy OPT (hidden 64, 2 layers,
+written once under data/models/; a small model keeps compute, and so compute noise, out of the
+figures): in-process (TP=1), Ray TP=1 (one rank actor) and Ray TP=2 (two rank actors in a gloo
+group). Ray starts once, on loopback. Each round gives every engine the same greedy batch, then runs
+the decode steps interleaved, one step of each engine in turn, so the machine's noise falls on all
+three alike. It records the wall time of every decode step (`engine.step()`), and each round's model
+time on rank 0 (`timings()["model"]`, read before and after the round's decode steps: a Ray call per
+step to read it would itself disturb the next step).
+
+Reported per setup, over every decode step of every round:
+  step          median wall time of a step
+  overhead      mean wall time minus mean model time: scheduling, plan encoding, transport, decoding
+                on the rank, waiting for the other ranks
+  dispatch      overhead minus the in-process executor's: what the Ray executor adds to a step
+  step - local  the plain difference of the median step times; for TP=2 it also holds the
+                all-reduces and the split compute, which are model time, not dispatch
+Each setup also reports whether it generated exactly the in-process executor's tokens.
 """
 
 from __future__ import annotations
@@ -16,74 +27,140 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
-from bench.engine_throughput import DEFAULT_MODEL, ensure_dummy, make_prompts
+from bench.engine_throughput import TOKENIZER_DIR, make_prompts
 from cluster import LLM, SamplingParams
 from cluster.config import load_config
 
-SETUPS = {  # name → (executor, tensor_parallel_size, threads per rank)
-    "in-process": ("local", 1, 2),
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = REPO / "data/models/dummy-opt-tiny"
+LOCAL = "in-process"
+SETUPS = {  # name → (executor, tensor_parallel_size, torch threads per rank)
+    LOCAL: ("local", 1, 2),
     "ray tp=1": ("ray", 1, 2),
     "ray tp=2": ("ray", 2, 1),
 }
 
 
-def measure(model: Path, setup: str, prompts: list[list[int]], output_len: int) -> dict[str, float]:
+def ensure_tiny(path: Path) -> Path:
+    """The tiny OPT (SmolLM2's tokenizer, float32), written once."""
+    if not (path / "config.json").is_file():
+        from worker.dummy import Shape, write_dummy_checkpoint
+
+        write_dummy_checkpoint("opt", "125m", path, TOKENIZER_DIR, seed=0, dtype="float32", init_std=0.3,
+                               shape=Shape(hidden=64, layers=2, heads=4, kv_heads=4, ffn=128))
+    return path
+
+
+@dataclass
+class Steps:
+    """One setup's decode steps: the wall seconds of each, the model seconds of all, the tokens made."""
+
+    wall: list[float] = field(default_factory=list)
+    model: float = 0.0
+    tokens: list[list[int]] = field(default_factory=list)
+
+
+def build(setup: str, model: Path, batch: int, blocks: int, block_size: int) -> LLM:
     executor, tp, threads = SETUPS[setup]
-    block_size = 32
-    blocks = len(prompts) * (-(-(len(prompts[0]) + output_len) // block_size)) + 8
-    config = load_config(overrides={"parallel.cpus_per_worker": threads})
-    llm = LLM(str(model), dtype="float32", block_size=block_size, num_blocks=blocks, max_num_seqs=len(prompts),
-              executor=executor, tensor_parallel_size=tp, num_threads=threads, config=config)
-    try:
-        llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
-        engine = llm.engine
-        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-        for prompt in prompts:
-            engine.add_request(prompt, params)
-        engine.step()  # the prefill of the whole batch
-        model_before = engine.executor.timings()["model"]
-        times = []
-        while engine.has_unfinished():
+    config = load_config(overrides={"parallel.cpus_per_worker": threads, "scheduler.max_waiting": None})
+    return LLM(str(model), dtype="float32", block_size=block_size, num_blocks=blocks, max_num_seqs=batch,
+               executor=executor, tensor_parallel_size=tp, num_threads=threads, config=config)
+
+
+def run_round(llms: dict[str, LLM], prompts: list[list[int]], output_len: int, steps: dict[str, Steps]) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    finished: dict[str, dict[str, list[int]]] = {setup: {} for setup in llms}
+    order: dict[str, list[str]] = {}
+    for setup, llm in llms.items():
+        order[setup] = [llm.engine.add_request(prompt, params) for prompt in prompts]
+        llm.engine.step()  # the prefill of the whole batch: not a decode step
+    model_before = {setup: llm.engine.executor.timings()["model"] for setup, llm in llms.items()}
+    while any(llm.engine.has_unfinished() for llm in llms.values()):
+        for setup, llm in llms.items():
+            if not llm.engine.has_unfinished():
+                continue
             start = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - start)
-        model_seconds = engine.executor.timings()["model"] - model_before
-        return {
-            "median_step_ms": statistics.median(times) * 1e3,
-            "overhead_per_step_ms": (sum(times) - model_seconds) / len(times) * 1e3,
-            "steps": len(times),
+            outputs = llm.engine.step()
+            steps[setup].wall.append(time.perf_counter() - start)
+            finished[setup].update({o.request_id: o.token_ids for o in outputs if o.finished})
+    for setup, llm in llms.items():
+        steps[setup].model += llm.engine.executor.timings()["model"] - model_before[setup]
+    for setup in llms:
+        steps[setup].tokens += [finished[setup][request_id] for request_id in order[setup]]
+
+
+def summarize(steps: dict[str, Steps]) -> dict[str, dict[str, object]]:
+    def ms(seconds: float) -> float:
+        return round(seconds * 1e3, 3)
+
+    def overhead(s: Steps) -> float:
+        return (sum(s.wall) - s.model) / len(s.wall)
+
+    local = steps[LOCAL]
+    results = {}
+    for setup, s in steps.items():
+        results[setup] = {
+            "steps": len(s.wall),
+            "step_ms": ms(statistics.median(s.wall)),
+            "mean_step_ms": ms(statistics.mean(s.wall)),
+            "model_ms": ms(s.model / len(s.wall)),
+            "overhead_ms": ms(overhead(s)),
+            "dispatch_ms": ms(overhead(s) - overhead(local)),
+            "step_minus_local_ms": ms(statistics.median(s.wall) - statistics.median(local.wall)),
+            "same_tokens_as_local": s.tokens == local.tokens,
         }
-    finally:
-        llm.shutdown()
+    return results
+
+
+def table(results: dict[str, dict[str, object]]) -> str:
+    lines = ["| setup | steps | median step | mean model | overhead | dispatch | step - local | same tokens |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for setup, r in results.items():
+        lines.append(f"| {setup} | {r['steps']} | {r['step_ms']:.2f} ms | {r['model_ms']:.2f} ms | "
+                     f"{r['overhead_ms']:.2f} ms | {r['dispatch_ms']:.2f} ms | {r['step_minus_local_ms']:.2f} ms | "
+                     f"{'yes' if r['same_tokens_as_local'] else 'NO'} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--model", type=Path, default=TINY_MODEL)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--output", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best is kept")
+    parser.add_argument("--rounds", type=int, default=5, help="batches per engine; the steps of all are pooled")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     from cluster.ray_runtime import ensure_ray
 
-    model = ensure_dummy(args.model) if args.model == DEFAULT_MODEL else args.model
-    ensure_ray(num_cpus=2)
+    model = ensure_tiny(args.model) if args.model == TINY_MODEL else args.model
+    # Ray's CPU count is bookkeeping here: the TP=1 and TP=2 groups are placed side by side.
+    ensure_ray(num_cpus=sum(tp * threads for executor, tp, threads in SETUPS.values() if executor == "ray"))
     prompts = make_prompts(args.batch, args.prompt, 10_000, seed=0)
-    rounds: dict[str, list[dict[str, float]]] = {setup: [] for setup in SETUPS}
-    for _ in tqdm(range(args.repeats), desc="rounds"):
+    block_size = 16
+    blocks = args.batch * -(-(args.prompt + args.output) // block_size) + 8
+    llms: dict[str, LLM] = {}
+    try:
         for setup in SETUPS:
-            rounds[setup].append(measure(model, setup, prompts, args.output))
-            tqdm.write(f"{setup}: {rounds[setup][-1]}")
-    results = {setup: min(runs, key=lambda r: r["median_step_ms"]) for setup, runs in rounds.items()}
+            llms[setup] = build(setup, model, args.batch, blocks, block_size)
+        run_round(llms, prompts[:2], 4, {setup: Steps() for setup in SETUPS})  # warm-up, not recorded
+        steps = {setup: Steps() for setup in SETUPS}
+        for index in range(args.rounds):
+            run_round(llms, prompts, args.output, steps)
+            print(f"round {index + 1}/{args.rounds} done", flush=True)
+    finally:
+        for llm in llms.values():
+            llm.shutdown()
+    results = summarize(steps)
+    print(table(results))
     print(json.dumps(results, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                        indent=2))
     return 0
 
 

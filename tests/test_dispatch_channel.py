@@ -154,8 +154,9 @@ def _raw(header: dict, body: bytes = b"") -> bytes:
         (_raw({"kind": "plan", "text": "", "arrays": [["x", "|O", [2]]]}, b"\0" * 16), "only numeric arrays travel"),
         (_raw({"kind": "plan", "text": "", "arrays": [["x", "<i8", [4]]]}, b"\0" * 8), "runs past the end"),
         (_PREFIX.pack(1 << 40, 8), "is not a step message"),
+        (_raw({"kind": "plan", "text": ""}), "malformed"),
     ],
-    ids=["objects", "truncated", "oversized"],
+    ids=["objects", "truncated", "oversized", "no-arrays"],
 )
 def test_only_well_formed_numeric_arrays_are_read(message: bytes, error: str) -> None:
     left, right = socket.socketpair()

@@ -15,9 +15,11 @@ once as `StepChannelError`; a rank that stops answering is given up after the st
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
+import math
 import selectors
 import socket
 import struct
@@ -44,7 +46,8 @@ class StepChannelError(RuntimeError):
 def _frame(kind: str, arrays: Arrays | None = None, text: str = "") -> bytes:
     arrays = {name: np.ascontiguousarray(a) for name, a in (arrays or {}).items()}
     header = json.dumps(
-        {"kind": kind, "text": text, "arrays": [[n, a.dtype.str, list(a.shape)] for n, a in arrays.items()]}
+        {"kind": kind, "text": text, "arrays": [[n, a.dtype.str, a.shape] for n, a in arrays.items()]},
+        separators=(",", ":"),
     ).encode()
     body = [a.tobytes() for a in arrays.values()]
     size = len(header) + sum(len(b) for b in body)
@@ -70,18 +73,33 @@ def _read_message(sock: socket.socket) -> tuple[str, str, Arrays]:
     if size > MAX_FRAME_BYTES or header_size > size:
         raise ValueError(f"a message of {size} bytes (header {header_size}) is not a step message")
     payload = _read_exactly(sock, size)
+    try:
+        return _parse(payload, header_size)
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"a malformed step message: {err!r}") from err
+
+
+def _parse(payload: bytearray, header_size: int) -> tuple[str, str, Arrays]:
+    size = len(payload)
     header = json.loads(bytes(payload[:header_size]))
     arrays, offset = {}, header_size
     for name, dtype_str, shape in header["arrays"]:
-        dtype = np.dtype(dtype_str)
-        if dtype.kind not in _NUMERIC_KINDS:
-            raise ValueError(f"array {name!r} has dtype {dtype_str}: only numeric arrays travel")
-        count = int(np.prod(shape, dtype=np.int64))
-        if offset + count * dtype.itemsize > size:
+        dtype = _dtype(dtype_str)
+        count = math.prod(shape)  # (not np.prod: this runs per array per step, and numpy's costs microseconds)
+        if count < 0 or offset + count * dtype.itemsize > size:
             raise ValueError(f"array {name!r} runs past the end of its message")
-        arrays[name] = np.frombuffer(payload, dtype=dtype, count=count, offset=offset).reshape(shape)
+        array = np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
+        arrays[name] = array if len(shape) == 1 else array.reshape(shape)
         offset += count * dtype.itemsize
     return str(header["kind"]), str(header["text"]), arrays
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype(name: str) -> np.dtype:
+    dtype = np.dtype(name)
+    if dtype.kind not in _NUMERIC_KINDS:
+        raise ValueError(f"an array has dtype {name}: only numeric arrays travel")
+    return dtype
 
 
 class StepServer:
@@ -118,7 +136,7 @@ class StepServer:
                     conn.sendall(_frame(_READY))
                     return conn
                 log.warning("refused a step-channel connection that did not present the executor's token")
-            except (OSError, EOFError, ValueError, KeyError, TypeError):
+            except (OSError, EOFError, ValueError):
                 log.warning("dropped a step-channel connection that sent no valid greeting", exc_info=True)
             conn.close()
 
@@ -132,10 +150,11 @@ class StepServer:
             while True:
                 try:
                     kind, _, arrays = _read_message(conn)
+                    answer = self._answer(kind, arrays)
+                    conn.sendall(answer)
                 except (OSError, EOFError, ValueError):
-                    log.info("the executor closed the step channel")
+                    log.info("the executor closed the step channel (or gave up on this rank)")
                     return
-                conn.sendall(self._answer(kind, arrays))
 
     def _answer(self, kind: str, arrays: Arrays) -> bytes:
         if kind != _PLAN:

@@ -54,29 +54,34 @@ def adjust_logits(
         logits.index_put_((_index(bias_rows, device), _index(bias_tokens, device)),
                           torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
 
+    # Penalties touch only the tokens each row has seen: gathered, changed and written back (a token
+    # seen twice is written twice with the same value), never a pass over the whole vocabulary.
     repetition = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     if repetition:
-        seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
-        seen_rows = [i for i in repetition for _ in histories[i]]
-        seen_tokens = [t for i in repetition for t in histories[i]]
-        seen[_index(seen_rows, device), _index(seen_tokens, device)] = True
-        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype, device=device)[:, None]
-        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(seen, penalised, logits)
+        seen_rows, seen_tokens = _flat(repetition, [histories[i] for i in repetition], device)
+        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype, device=device)[seen_rows]
+        values = logits[seen_rows, seen_tokens]
+        logits[seen_rows, seen_tokens] = torch.where(values > 0, values / penalty, values * penalty)
 
     counted = [i for i, p in enumerate(params) if p.frequency_penalty or p.presence_penalty]
-    if counted:
-        count_rows = [i for i in counted for _ in range(len(histories[i]) - prompt_lens[i])]
-        count_tokens = [t for i in counted for t in histories[i][prompt_lens[i]:]]
-        counts = torch.zeros(rows, vocab, dtype=logits.dtype, device=device)
-        if count_rows:
-            counts.index_put_((_index(count_rows, device), _index(count_tokens, device)),
-                              torch.ones(len(count_rows), dtype=logits.dtype, device=device), accumulate=True)
-        frequency = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=device)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=device)[:, None]
-        logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
+    out_rows, out_tokens = _flat(counted, [histories[i][prompt_lens[i]:] for i in counted], device)
+    if out_rows.numel():
+        keys, counts = torch.unique(out_rows * vocab + out_tokens, return_counts=True)
+        rows_u, tokens_u = keys // vocab, keys % vocab
+        frequency = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=device)
+        presence = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=device)
+        logits[rows_u, tokens_u] -= frequency[rows_u] * counts.to(logits.dtype) + presence[rows_u]
     return logits
 
 
 def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _flat(rows: list[int], tokens: list[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token) index pairs for every token of each row: one conversion per row, no loop per token."""
+    if not rows:
+        return _index([], device), _index([], device)
+    lengths = _index([len(t) for t in tokens], device)
+    flat = torch.cat([_index(t, device) for t in tokens])
+    return torch.repeat_interleave(_index(rows, device), lengths), flat

@@ -225,3 +225,12 @@ def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI, hf) -> None
                                          logprobs=2, stream=True, extra_body={"ignore_eos": True})
     tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     assert tokens == lp.tokens
+
+
+def test_streamed_chat_logprobs_match_the_whole_answer(client: openai.OpenAI) -> None:
+    args = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0,
+                logprobs=True, top_logprobs=1, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**args).choices[0].logprobs.content
+    chunks = list(client.chat.completions.create(stream=True, **args))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole] and len(whole) == 8

@@ -59,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rate", type=float, default=8.0)
     parser.add_argument("--num-blocks", type=int, default=1500, help="a small cache, so memory binds")
+    parser.add_argument("--systems", default=",".join(f"{p}/{c}" for p, c in SYSTEMS), help="POLICY/CACHE,...")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     load = workload(dataset_lengths("sharegpt", args.requests, 0, 1024, 2048), args.rate, 2.0, 0)
     out = {}
-    for policy, cache in SYSTEMS:
+    for policy, cache in (item.split("/") for item in args.systems.split(",")):
         config = SimConfig(profile="a100-80g/opt-13b", tp=1, policy=policy, cache=cache, num_blocks=args.num_blocks,
                            ttft_slo_s=0.5, tbt_slo_s=0.2)
         out[f"{policy}/{cache}"] = digest(config, load)

@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.simulator.speed [--requests 10000] [--rate 4] [--profile a100-80g/opt-13b]
 
 Simulates `--requests` ShareGPT requests (Poisson arrivals) for fcfs/kv and apt/hybrid, and prints the
-wall time split into the production scheduler (`Scheduler.schedule`, timed by the engine), the
+wall time (and the process's CPU time: on a shared machine the wall time includes waiting for a
+core) split into the production scheduler (`Scheduler.schedule`, timed by the engine), the
 step-time model, and the rest of the engine loop (token bookkeeping, outputs, metrics) plus the
 simulator's own loop.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from bench.simulator.api import SimConfig, simulate
 from bench.simulator.sweep import dataset_lengths, workload
@@ -29,12 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for policy, cache in (("fcfs", "kv"), ("apt", "hybrid")):
         config = SimConfig(profile=args.profile, tp=args.tp, policy=policy, cache=cache, ttft_slo_s=1.0, tbt_slo_s=0.2)
+        cpu = time.process_time()
         result = simulate(config, load, progress=True)
+        cpu = time.process_time() - cpu
         tokens = sum(r.num_tokens for r in result.records)
         model = result.step_stats.model_wall_seconds
         rows[f"{policy}/{cache}"] = {
             "requests": len(load), "output_tokens": tokens, "steps": sum(result.step_stats.steps.values()),
-            "wall_s": round(result.wall_seconds, 2), "scheduler_s": round(result.scheduling_seconds, 2),
+            "wall_s": round(result.wall_seconds, 2), "cpu_s": round(cpu, 2),
+            "scheduler_s": round(result.scheduling_seconds, 2),
             "step_model_s": round(model, 2),
             "engine_rest_s": round(result.wall_seconds - result.scheduling_seconds - model, 2),
             "us_per_token": round(result.wall_seconds / tokens * 1e6, 2),

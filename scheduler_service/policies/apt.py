@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hybrid_cache.plan import CacheType
-from scheduler_service.knapsack import CODE_HIDDEN, CODE_KV, CODE_SKIP, NAMES, SKIP, choose_codes
+from scheduler_service.knapsack import CODE_HIDDEN, CODE_KV, CODE_SKIP, NAMES, choose_codes
 from scheduler_service.policies.base import Policy, ScheduleDecision, SchedulerView, allowed_cache_types
 from scheduler_service.request import Request
 from scheduler_service.step_time import StepLoad
@@ -63,15 +63,13 @@ class AptPolicy(Policy):
         # Who is already late, decided once per iteration: it sets U and each request's value.
         on_time = int((~waiting.late).sum() + (~running.late).sum())
         running_choice = running.choose(view, on_time, view.cache.num_blocks)
-        decision, converted_blocks = self._keep(view, [NAMES[k] for k in running_choice.tolist()])
+        growth = _Growth.of(view, running.num_tokens)
+        decision, converted_blocks = self._keep(view, running_choice, growth)
         admitted: list[tuple[Request, CacheType]] = []
         if not decision.preempt:  # memory is short in a step that preempts: admit nobody
             # Admissions leave the running requests room to grow for a while: filling every free block
             # would preempt one of them within a step or two, and its re-prefill wastes the admission.
-            reserve = converted_blocks + sum(
-                view.cache.blocks_to_hold(r.seq_id, r.num_tokens + view.config.growth_reserve_tokens)
-                for r in view.running
-            )
+            reserve = converted_blocks + growth.total(running.num_tokens + view.config.growth_reserve_tokens)
             waiting_choice = waiting.choose(view, on_time, max(0, view.cache.num_free - reserve))
             codes = waiting_choice.tolist()
             admitted = [(r, CacheType(NAMES[k])) for r, k in zip(view.waiting, codes) if k != CODE_SKIP]
@@ -85,23 +83,22 @@ class AptPolicy(Policy):
         _Builder(view, decision, running_ids).build(decodes, prompts)
         return decision
 
-    def _keep(self, view: SchedulerView, kinds: list[str]) -> tuple[ScheduleDecision, int]:
+    def _keep(self, view: SchedulerView, codes: np.ndarray, growth: _Growth) -> tuple[ScheduleDecision, int]:
         """Running requests the knapsack keeps (in `decode`, with their cache type this step) and the
         ones it drops (in `preempt`); also the blocks the conversions it plans take beyond growth."""
         cache = view.cache
         decision = ScheduleDecision()
         keep: list[tuple[Request, CacheType]] = []
         free = cache.num_free
-        for request, kind in zip(view.running, kinds):
-            if kind == SKIP:
+        for request, code in zip(view.running, codes.tolist()):
+            if code == CODE_SKIP:
                 decision.preempt.append(request)
                 free += len(cache.table(request.seq_id).blocks)
             else:
-                keep.append((request, CacheType(kind)))
+                keep.append((request, CacheType(NAMES[code])))
         # Growth first (every kept request keeps its current type; a prompt holds its whole length),
         # then conversions that fit.
-        for request, _ in keep:
-            free -= cache.blocks_to_hold(request.seq_id, request.num_tokens)
+        free -= growth.total(growth.num_tokens, codes != CODE_SKIP)
         converted = 0
         for request, kind in keep:
             target = request.cache_type
@@ -116,6 +113,29 @@ class AptPolicy(Policy):
                     target = CacheType.KV
             decision.decode.append((request, target))
         return decision, converted
+
+
+@dataclass(frozen=True)
+class _Growth:
+    """`CacheManager.blocks_to_hold` for every running request at once: each holds `held` blocks of
+    `per_block` tokens (its table's, looked up once per step), and needs `ceil(tokens / per_block)`."""
+
+    num_tokens: np.ndarray  # each request's tokens now
+    held: np.ndarray
+    per_block: np.ndarray
+
+    @classmethod
+    def of(cls, view: SchedulerView, num_tokens: np.ndarray) -> _Growth:
+        layout = view.cache.layout
+        tables = [view.cache.table(r.seq_id) for r in view.running]
+        held = np.array([len(t.block_ids) for t in tables], dtype=np.int64)
+        per_block = np.array([layout.tokens_per_block(t.cache_type) for t in tables], dtype=np.int64)
+        return cls(num_tokens, held, per_block)
+
+    def total(self, num_tokens: np.ndarray, mask: np.ndarray | None = None) -> int:
+        """The blocks the requests (those in `mask`) need beyond what they hold to hold `num_tokens`."""
+        extra = np.maximum(0, -(-num_tokens // self.per_block) - self.held)
+        return int(extra.sum() if mask is None else extra[mask].sum())
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from bench.simulator.api import SimConfig, simulate
@@ -150,3 +151,23 @@ def test_a_rate_sweep_finds_the_rate_where_attainment_breaks() -> None:
     assert set(result["probes"]) == {"0.5", "2.0", "200.0"}
     assert crossing({1.0: 1.0, 2.0: 0.8}) == pytest.approx(1.5)
     assert crossing({1.0: 0.5}) == 0.0
+
+
+def test_decompose_counts_the_prefills_that_land_inside_a_decode() -> None:
+    """`bench.simulator.decompose.features`: a request whose first token comes while another decodes
+    stalls it by its prefill time (the fitted line); one that comes after it ended does not."""
+    from bench.simulator.decompose import features
+    from bench.slo_metrics import RequestRecord
+
+    def record(i: int, first: float, last: float, prompt: int, tokens: int) -> RequestRecord:
+        times = list(np.linspace(first, last, tokens))
+        return RequestRecord(str(i), arrival=first - 0.1, first_token_time=first, token_times=times,
+                             finished=True, prompt_len=prompt, output_len=tokens)
+
+    records = [record(0, 1.0, 2.0, 100, 11), record(1, 1.5, 1.8, 200, 4), record(2, 3.0, 3.5, 50, 6)]
+    rows = features(records, (10.0, 0.1, 0.0))  # prefill ms = 10 + 0.1·p
+    steps, n_sum, _, stall, landed, decode = rows[0]
+    assert (steps, landed, decode) == (10, 1, pytest.approx(1.0))
+    assert stall == pytest.approx((10 + 0.1 * 200) / 1000)
+    assert n_sum >= steps  # itself at every step, plus request 1 during part of it
+    assert rows[2][4] == 0 and rows[2][3] == 0.0  # nothing landed in the last one

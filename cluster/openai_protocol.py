@@ -196,6 +196,14 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives reported per token")
+    echo: bool = False  # vLLM's chat echo (the last message's text first) is not implemented: refused
+
+    @field_validator("echo")
+    @classmethod
+    def _no_chat_echo(cls, echo: bool) -> bool:
+        if echo:
+            raise ValueError("echo is not supported for chat completions (only /v1/completions)")
+        return echo
 
     @field_validator("top_logprobs")
     @classmethod

@@ -82,3 +82,11 @@ def test_chat_text_parts_and_developer_role(client: openai.OpenAI) -> None:
     plain = client.chat.completions.create(model=MODEL, max_tokens=5, temperature=0, messages=[
         {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi\nthere"}])
     assert parts.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_chat_echo_is_refused_not_ignored(server) -> None:
+    base, engine = server
+    response = httpx.post(f"{base}/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "echo": True})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "echo", response.text
+    wait_idle(engine)

@@ -343,17 +343,19 @@ class Engine:
             return outputs + self._fail_step(step.requests, _INTERNAL_ERROR)
         self.scheduler.end_step(step)
         self.num_steps += 1
-        for request in step.requests:
-            if request.group is not None and request.group.ready_to_fork(request):
-                for sample in request.group.fork(request, self._seq_ids):
-                    self.scheduler.fork(request, sample)
-                    self.num_forked_samples += 1
         if step.predicted_seconds is not None:
             self.step_time.record(step.predicted_seconds, executed)
         now = self.clock()
         for request, seq, entries in zip(step.requests, step.plan.seqs, prompt_logprobs_of(tokens) or ()):
             if entries is not None:
                 _record_prompt_logprobs(request, seq.start_pos, entries)
+        # Sample 0s whose prompt is now computed fork their samples (before their own first token is
+        # applied: a forked sample starts from the prompt alone, with its prompt logprobs if asked).
+        for request in step.requests:
+            if request.group is not None and request.group.ready_to_fork(request):
+                for sample in request.group.fork(request, self._seq_ids):
+                    self.scheduler.fork(request, sample)
+                    self.num_forked_samples += 1
         logprobs = logprobs_of(tokens) or [None] * len(tokens)
         for request, token, token_logprobs in zip(step.requests, tokens, logprobs):
             if request.num_new_tokens > 0:

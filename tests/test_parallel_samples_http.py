@@ -173,3 +173,17 @@ def test_grpc_streams_n_samples_with_their_index_and_passes_priority(server, tin
     http = create(client, n=3)
     assert texts == {c.index: c.text for c in http.choices}
     wait_idle(engine)
+
+
+def test_echo_with_logprobs_gives_every_sample_the_prompts_logprobs(server, client: openai.OpenAI) -> None:
+    _, engine = server
+    done = create(client, n=3, echo=True, logprobs=1, max_tokens=3)
+    single = create(client, echo=True, logprobs=1, max_tokens=3)
+    prompt_tokens = done.usage.prompt_tokens
+    expected = single.choices[0].logprobs.token_logprobs[:prompt_tokens]
+    assert expected[0] is None and all(v is not None for v in expected[1:])
+    for choice in done.choices:
+        assert choice.text.startswith(PROMPT)
+        assert choice.logprobs.token_logprobs[:prompt_tokens] == expected
+        assert len(choice.logprobs.token_logprobs) == prompt_tokens + 3
+    wait_idle(engine)

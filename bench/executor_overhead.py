@@ -19,6 +19,13 @@ Reported per setup, over every decode step of every round:
   step - local  the plain difference of the median step times; for TP=2 it also holds the
                 all-reduces and the split compute, which are model time, not dispatch
 Each setup also reports whether it generated exactly the in-process executor's tokens.
+
+    .venv/bin/python -m bench.executor_overhead --transports
+
+compares instead the ways a step could reach the ranks, on echo actors (no model): a Ray call per
+rank after `ray.put` (the executor's old path), a Ray Compiled Graph (shared-memory channels) and the
+step channel (a loopback TCP connection per rank), each with a 16-sequence decode plan, at 1 and 2
+ranks; it reports the median and 90th percentile round trip.
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ from pathlib import Path
 from bench.engine_throughput import TOKENIZER_DIR, make_prompts
 from cluster import LLM, SamplingParams
 from cluster.config import load_config
+from hybrid_cache.plan import BatchPlan, CacheType, SequencePlan
+from hybrid_cache.plan import SamplingParams as PlanSampling
+from hybrid_cache.plan_codec import decode_plan, encode_plan
+from worker.step_channel import StepClient, StepServer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / "data/models/dummy-opt-tiny"
@@ -125,6 +136,67 @@ def table(results: dict[str, dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+class EchoRank:
+    """A rank without a model: decodes the plan and answers with its sequence ids (rank 0) or nothing."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.server = rank, None
+
+    def execute(self, plan: dict) -> list[int]:
+        seq_ids = [s.seq_id for s in decode_plan(plan).seqs]
+        return seq_ids if self.rank == 0 else []
+
+    def open_step_channel(self, token: str) -> tuple[str, int]:
+        self.server = StepServer("127.0.0.1", token, self.execute, hello_timeout_s=60)
+        return self.server.address
+
+
+def _round_trips(call, repeats: int) -> dict[str, float]:  # noqa: ANN001 - a callable
+    for _ in range(repeats // 10):
+        call()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"median_ms": round(statistics.median(times) * 1e3, 3),
+            "p90_ms": round(times[int(0.9 * len(times))] * 1e3, 3)}
+
+
+def transports(repeats: int) -> dict[str, dict[str, float]]:
+    greedy = PlanSampling(temperature=0.0)
+    plan = encode_plan(BatchPlan([SequencePlan(i, [100 + i], 40, CacheType.KV, list(range(6 * i, 6 * i + 6)),
+                                               greedy) for i in range(16)]))
+    return _transports_at(1, plan, repeats) | _transports_at(2, plan, repeats)
+
+
+def _transports_at(ranks: int, plan: dict, repeats: int) -> dict[str, dict[str, float]]:
+    import ray
+    from ray.dag import InputNode, MultiOutputNode
+
+    actors = [ray.remote(EchoRank).options(num_cpus=0).remote(rank) for rank in range(ranks)]
+    ray.get([a.execute.remote(plan) for a in actors])
+
+    def ray_calls() -> list:
+        ref = ray.put(plan)
+        return ray.get([a.execute.remote(ref) for a in actors])
+
+    results = {f"ray calls, {ranks} rank(s)": _round_trips(ray_calls, repeats)}
+    with InputNode() as step:
+        graph = MultiOutputNode([a.execute.bind(step) for a in actors]).experimental_compile()
+    results[f"compiled graph, {ranks} rank(s)"] = _round_trips(lambda: ray.get(graph.execute(plan)), repeats)
+    graph.teardown()
+    token = "bench"
+    addresses = ray.get([a.open_step_channel.remote(token) for a in actors])
+    client = StepClient([tuple(a) for a in addresses], token, timeout_s=60)
+    results[f"step channel, {ranks} rank(s)"] = _round_trips(lambda: client.run(plan), repeats)
+    client.close()
+    for actor in actors:
+        ray.kill(actor)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=TINY_MODEL)
@@ -133,8 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="batches per engine; the steps of all are pooled")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--transports", action="store_true", help="compare transports on echo actors instead")
+    parser.add_argument("--repeats", type=int, default=400, help="round trips per transport (--transports)")
     args = parser.parse_args(argv)
     from cluster.ray_runtime import ensure_ray
+
+    if args.transports:
+        ensure_ray(num_cpus=2)
+        found = transports(args.repeats)
+        print(json.dumps(found, indent=2))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(found, indent=2))
+        return 0
 
     model = ensure_tiny(args.model) if args.model == TINY_MODEL else args.model
     # Ray's CPU count is bookkeeping here: the TP=1 and TP=2 groups are placed side by side.

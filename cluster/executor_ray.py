@@ -54,6 +54,7 @@ class RayExecutor:
         self.cpus_per_worker = cpus_per_worker
         self.collective_timeout_s, self.step_timeout_s = collective_timeout_s, step_timeout_s
         self.num_rebuilds = 0
+        self.is_shut_down = False
         self._start()
 
     def _start(self) -> None:
@@ -134,7 +135,11 @@ class RayExecutor:
         return self._info
 
     def execute(self, plan: BatchPlan) -> list[int]:
-        assert self.channel is not None, "the group is not running"
+        if self.channel is None:
+            if self.is_shut_down:
+                raise ExecutorFailed("the executor was shut down")
+            self.rebuild()  # the last rebuild failed: start the group again before this step
+            assert self.channel is not None
         try:
             answers = self.channel.run(encode_plan(plan))
         except StepChannelError as err:
@@ -148,4 +153,5 @@ class RayExecutor:
         return ray.get(self.workers[0].timings.remote(), timeout=self.step_timeout_s)
 
     def shutdown(self) -> None:
+        self.is_shut_down = True
         self._stop()

@@ -18,6 +18,8 @@ from test_generation_equivalence import NUM_PROMPTS, run_and_compare
 
 from cluster import SamplingParams
 from cluster.ray_runtime import ensure_ray, ray  # through `cluster`, which keeps Ray on loopback
+from hybrid_cache.plan import BatchPlan
+from scheduler_service.executor import ExecutorFailed
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -67,6 +69,10 @@ def test_each_rank_holds_its_share(tiny_models: dict[str, Path], make_llm) -> No
     split = sum(p.numel() for n, p in whole.named_parameters() if whole.split_of(n))
     total = sum(p.numel() for p in whole.parameters())
     assert split > 0 and all(rank["num_parameters"] == total - split // 2 for rank in ranks)
+    llm.shutdown()  # a step after shutdown fails plainly rather than starting a new group
+    with pytest.raises(ExecutorFailed, match="shut down"):
+        llm.engine.executor.execute(BatchPlan([]))
+    assert llm.engine.executor.workers == []
 
 
 @pytest.mark.parametrize("dead_rank", [0, 1], ids=["rank0", "rank1"])

@@ -74,7 +74,8 @@ class EngineClient:
         self._streams[request_id] = queue
         try:
             when = {} if received_at is None else {"received_at": received_at}  # else the engine's own clock
-            when["priority"] = priority
+            if priority:  # sent only when set: the default is the engine's own
+                when["priority"] = priority
             await self.handle.add_request.remote(
                 self.caller, request_id, list(prompt_token_ids), params, cache_type, ttft_slo_s, tbt_slo_s, **when
             )

@@ -65,7 +65,7 @@ def add_token_routes(app: FastAPI, front: Callable[[], Frontend]) -> None:
             raise f.error(f.refused(InvalidField("prompt", "give exactly one of prompt and messages")))
         try:
             if body.messages is not None:
-                tokens = f.tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+                tokens = f.tokenizer.apply_chat_template([m.for_template() for m in body.messages])
             else:
                 tokens = f.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         except InvalidField as err:

@@ -90,3 +90,15 @@ def test_chat_echo_is_refused_not_ignored(server) -> None:
         "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "echo": True})
     assert response.status_code == 400 and response.json()["error"]["param"] == "echo", response.text
     wait_idle(engine)
+
+
+def test_tokenize_takes_chat_text_parts(server) -> None:
+    """/tokenize reads messages as the chat route does: text parts joined, developer as system."""
+    base, _ = server
+    parts = httpx.post(f"{base}/tokenize", timeout=30, json={"model": MODEL, "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Be terse."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]})
+    plain = httpx.post(f"{base}/tokenize", timeout=30, json={"model": MODEL, "messages": [
+        {"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi\nthere"}]})
+    assert parts.status_code == plain.status_code == 200, parts.text
+    assert parts.json()["tokens"] == plain.json()["tokens"]

@@ -125,8 +125,10 @@ def test_official_openai_client(server: Server) -> None:
     assert chunks[-1].usage.completion_tokens == 10
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="other", prompt="x", max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="n must be"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=0)
+    two = client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=2, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == two.choices[1].text
 
 
 def test_grpc_streams_what_http_returns(server: Server) -> None:

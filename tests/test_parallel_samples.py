@@ -9,7 +9,6 @@ transformers', and nothing leaks whichever way the samples end.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 from conftest import assert_cache_empty, assert_matches_reference, hf_greedy, make_hf_model

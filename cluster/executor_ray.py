@@ -29,7 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from hybrid_cache.config import CacheConfig
 from hybrid_cache.info import WorkerInfo
 from hybrid_cache.plan import BatchPlan
-from hybrid_cache.plan_codec import encode_plan
+from hybrid_cache.plan_codec import decode_sampled, encode_plan
 from scheduler_service.executor import ExecutorFailed
 from worker.config import ModelConfig
 from worker.rank_worker import RankWorker
@@ -147,7 +147,7 @@ class RayExecutor:
             self.rebuild()
             log.error("rebuilt the worker group in %.1f s after: %s", time.monotonic() - started, err)
             raise ExecutorFailed(str(err)) from err
-        return answers[0].tolist()
+        return decode_sampled(answers[0])
 
     def timings(self) -> dict[str, float]:
         return ray.get(self.workers[0].timings.remote(), timeout=self.step_timeout_s)

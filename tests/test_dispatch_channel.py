@@ -67,7 +67,7 @@ def test_each_rank_gets_the_plan_unchanged_and_answers_in_rank_order(ranks: list
     try:
         for _ in range(3):  # the connection carries step after step
             answers = client.run(encode_plan(a_plan()))
-            assert [a.tolist() for a in answers] == [[30, 70], [31, 71]]
+            assert [a["tokens"].tolist() for a in answers] == [[30, 70], [31, 71]]
     finally:
         client.close()
     for rank in ranks:
@@ -78,7 +78,7 @@ def test_an_empty_step_travels(ranks: list[Rank]) -> None:
     ranks.append(Rank(0))
     client = StepClient([ranks[0].server.address], TOKEN, timeout_s=30)
     try:
-        assert client.run(encode_plan(BatchPlan([], [4])))[0].tolist() == []
+        assert client.run(encode_plan(BatchPlan([], [4])))[0]["tokens"].tolist() == []
     finally:
         client.close()
     assert ranks[0].plans == [BatchPlan([], [4])]
@@ -90,7 +90,7 @@ def test_a_wrong_token_is_refused_and_the_executor_still_gets_in(ranks: list[Ran
         StepClient([ranks[0].server.address], "a guess", timeout_s=30)
     client = StepClient([ranks[0].server.address], TOKEN, timeout_s=30)
     try:
-        assert client.run(encode_plan(a_plan()))[0].tolist() == [30, 70]
+        assert client.run(encode_plan(a_plan()))[0]["tokens"].tolist() == [30, 70]
     finally:
         client.close()
     assert len(ranks[0].plans) == 1, "the stranger's connection must not have run anything"

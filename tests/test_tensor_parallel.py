@@ -52,6 +52,18 @@ def test_tp2_generates_the_reference_tokens(
         assert llm.stats().num_preemptions > 0, "the budget was meant to force preemption"
 
 
+def test_tp2_logprobs_equal_tp1(tiny_models: dict[str, Path], make_llm) -> None:
+    """Logprobs cross the step channel: TP=2 reports what the in-process TP=1 engine reports."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
+    prompt = [[2, 141, 14, 232, 5, 23, 9]]
+    local = make_llm(tiny_models["opt"], block_size=4, num_blocks=64).generate(prompt, params)[0]
+    tp = tp_llm(make_llm, tiny_models["opt"], num_blocks=64).generate(prompt, params)[0]
+    assert tp.token_ids == local.token_ids and tp.logprobs is not None and len(tp.logprobs) == 6
+    for a, b in zip(tp.logprobs, local.logprobs, strict=True):
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
 def test_each_rank_holds_its_share(tiny_models: dict[str, Path], make_llm) -> None:
     llm = tp_llm(make_llm, tiny_models["opt"], num_blocks=64, cache_mode="hybrid")
     ranks = llm.engine.executor.ranks

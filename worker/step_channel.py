@@ -29,6 +29,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from hybrid_cache.plan_codec import encode_sampled
+
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
@@ -165,7 +167,7 @@ class StepServer:
             log.exception("the step failed on this rank")
             first_line = (str(err).splitlines() or [""])[0]
             return _frame(_ERROR, text=f"{type(err).__name__}: {first_line}")
-        return _frame(_TOKENS, {"tokens": np.asarray(tokens, dtype=np.int64)})
+        return _frame(_TOKENS, encode_sampled(tokens))  # the tokens, and their logprobs when asked
 
     def close(self) -> None:
         """Stop accepting and serving (the executor sees its connection close)."""
@@ -197,8 +199,8 @@ class StepClient:
             self.close()
             raise StepChannelError(f"could not open the step channel: {err}") from err
 
-    def run(self, plan: Arrays) -> list[np.ndarray]:
-        """Send `plan` to every rank and return each rank's tokens, in rank order.
+    def run(self, plan: Arrays) -> list[Arrays]:
+        """Send `plan` to every rank and return each rank's answer (`plan_codec.encode_sampled`), in rank order.
 
         Raises StepChannelError as soon as one rank fails or ends (the others may be waiting in a
         collective for it), or when some rank has not answered within the timeout. After that the
@@ -210,7 +212,7 @@ class StepClient:
                 sock.sendall(frame)
             except OSError as err:
                 raise StepChannelError(f"rank {rank} could not be sent the step: {err}") from err
-        answers: list[np.ndarray | None] = [None] * len(self._socks)
+        answers: list[Arrays | None] = [None] * len(self._socks)
         pending, deadline = len(self._socks), time.monotonic() + self.timeout_s
         while pending:
             remaining = deadline - time.monotonic()
@@ -224,7 +226,7 @@ class StepClient:
                 pending -= 1
         return answers  # type: ignore[return-value] - all filled
 
-    def _receive(self, rank: int, timeout_s: float) -> np.ndarray:
+    def _receive(self, rank: int, timeout_s: float) -> Arrays:
         sock = self._socks[rank]
         sock.settimeout(timeout_s)
         try:
@@ -237,7 +239,7 @@ class StepClient:
             raise StepChannelError(f"rank {rank} failed the step: {text}")
         if kind != _TOKENS or "tokens" not in arrays:
             raise StepChannelError(f"rank {rank} answered with a {kind!r} message")
-        return arrays["tokens"]
+        return arrays
 
     def close(self) -> None:
         self._selector.close()

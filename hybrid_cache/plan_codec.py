@@ -11,6 +11,7 @@ bounds both by 2**63 - 1 and refuses negative seeds, so -1 can mean "unseeded"; 
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -29,6 +30,7 @@ EncodedPlan = dict[str, np.ndarray]
 UNSEEDED = -1
 NO_LOGPROBS = -1
 NOT_FORKED = -1
+_SAMPLING_CACHE_SIZE = 4096  # distinct sampling settings a rank remembers (an LRU: seeded requests each add one)
 _FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")
 _TYPES = (CacheType.KV, CacheType.HIDDEN)
 
@@ -95,13 +97,8 @@ def decode_plan(arrays: EncodedPlan) -> BatchPlan:
         zip(*(arrays[k].tolist() for k in ("seq_id", "start_pos", "cache_type", "conversion_tokens", "top_k",
                                             "seed", "min_tokens", "logprobs", "ignore_eos")))
     ):
-        sampling = SamplingParams(
-            # max_tokens stays with the engine: the default here, or as large as min_tokens needs.
-            max_tokens=max(SamplingParams.max_tokens, min_tokens), top_k=top_k, seed=None if seed == UNSEEDED else seed,
-            min_tokens=min_tokens, logprobs=None if logprobs == NO_LOGPROBS else logprobs, ignore_eos=ignore_eos,
-            stop_token_ids=tuple(stop_ids[i]), logit_bias=tuple(zip(bias_ids[i], bias_values[i])),
-            **dict(zip(_FLOATS, floats[i])),
-        )
+        sampling = _sampling(top_k, seed, min_tokens, logprobs, ignore_eos, tuple(stop_ids[i]),
+                             tuple(zip(bias_ids[i], bias_values[i])), floats[i])
         conversion = Conversion(hidden[i], kv[i], conv_tokens) if conv_tokens >= 0 else None
         fork_of = None if forks[i] == NOT_FORKED else forks[i]
         prompt_logprobs = None if prompt_k[i] == NO_LOGPROBS else prompt_k[i]
@@ -109,6 +106,20 @@ def decode_plan(arrays: EncodedPlan) -> BatchPlan:
                                  prompt_logprobs))
     copies = [(src, dst) for src, dst in arrays["block_copies"].tolist()]
     return BatchPlan(seqs, arrays["finished_seq_ids"].tolist(), copies)
+
+
+@functools.lru_cache(maxsize=_SAMPLING_CACHE_SIZE)
+def _sampling(top_k: int, seed: int, min_tokens: int, logprobs: int, ignore_eos: bool, stop_token_ids: tuple[int, ...],
+              logit_bias: tuple[tuple[int, float], ...], floats: tuple[float, ...]) -> SamplingParams:
+    """The `SamplingParams` these decoded values describe, built (and so validated) once per distinct value:
+    a step's sequences mostly share them, and rebuilding each one every step cost ~35 µs a sequence on
+    every rank. Sharing is safe: `SamplingParams` is frozen."""
+    return SamplingParams(
+        # max_tokens stays with the engine: the default here, or as large as min_tokens needs.
+        max_tokens=max(SamplingParams.max_tokens, min_tokens), top_k=top_k, seed=None if seed == UNSEEDED else seed,
+        min_tokens=min_tokens, logprobs=None if logprobs == NO_LOGPROBS else logprobs, ignore_eos=ignore_eos,
+        stop_token_ids=stop_token_ids, logit_bias=logit_bias, **dict(zip(_FLOATS, floats)),
+    )
 
 
 def _encode_entries(prefix: str, entries: list[TokenLogprobs | None]) -> EncodedPlan:

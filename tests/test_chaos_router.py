@@ -43,7 +43,7 @@ class FakeClient:
         if not self.alive:
             raise ActorDiedError()
 
-    async def generate(self, prompt, params, request_id, *_: object) -> AsyncIterator[RequestOutput]:  # noqa: ANN001
+    async def generate(self, prompt, params, request_id, *_: object, priority: int = 0) -> AsyncIterator[RequestOutput]:  # noqa: ANN001
         self._check()
         self.submitted.append(request_id)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hybrid_cache.attention import BACKENDS, CpuPagedBackend, make_backend
 
 
-def _reference(q, k, v, scale, causal):  # type: ignore[no-untyped-def]
+def reference_attention(q, k, v, scale, causal):  # type: ignore[no-untyped-def]
     """Attention of q `[nq, h, d]` over k/v `[nk, hk, d]` (the last nq keys are the queries' own)."""
     nq, nk = q.shape[0], k.shape[0]
     mask = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq) if causal else None
@@ -65,7 +65,7 @@ def test_variable_length_batch_reads_blocks_in_place(dtype, heads, kv_heads, dim
     for s, (start, nq, nk) in enumerate(zip(starts, q_lens, kv_lens)):
         keys = k_cache[block_tables[s, : -(-nk // block)].long()].flatten(0, 1)[:nk]
         values = v_cache[block_tables[s, : -(-nk // block)].long()].flatten(0, 1)[:nk]
-        expected = _reference(q[start : start + nq], keys, values, scale, causal=True)
+        expected = reference_attention(q[start : start + nq], keys, values, scale, causal=True)
         torch.testing.assert_close(out[start : start + nq].float(), expected, **tol)
         # The log-sum-exp, for merging partial results (hidden history).
         group = heads // kv_heads
@@ -85,7 +85,7 @@ def test_non_causal_call_sees_every_key_and_keeps_other_rows() -> None:
     table = torch.tensor([[3, 4, 5, 6, 7, 8]], dtype=torch.int32)
     backend._op(out, q, keys, values, table, torch.tensor([2], dtype=torch.int32), torch.tensor([2], dtype=torch.int32),
                 torch.tensor([6], dtype=torch.int32), 0.5, False, None)
-    expected = _reference(q[2:4], keys[3:9, 0], values[3:9, 0], 0.5, causal=False)
+    expected = reference_attention(q[2:4], keys[3:9, 0], values[3:9, 0], 0.5, causal=False)
     torch.testing.assert_close(out[2:4], expected, atol=1e-5, rtol=1e-5)
     assert (out[:2] == 0).all() and (out[4:] == 0).all(), "rows of other requests are left alone"
 

@@ -15,8 +15,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from conftest import assert_matches_reference, hf_greedy, make_hf_model  # noqa: E402
+from test_attention_backends import reference_attention  # noqa: E402
 
 from hybrid_cache.attention import TorchBackend, make_backend  # noqa: E402
 from hybrid_cache.attention_triton import TritonBackend, TritonMetadata  # noqa: E402
@@ -29,17 +29,6 @@ from hybrid_cache.triton_kernels import INTERPRETED, paged_attention, store_kv  
 
 def test_kernels_run_under_the_interpreter() -> None:
     assert INTERPRETED, "hybrid_cache.triton_kernels was imported before TRITON_INTERPRET was set"
-
-
-def _reference(q, k, v, scale, causal):  # type: ignore[no-untyped-def]
-    """Attention of q `[nq, h, d]` over k/v `[nk, hk, d]` (the last nq keys are the queries' own)."""
-    nq, nk = q.shape[0], k.shape[0]
-    mask = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq) if causal else None
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(),
-        attn_mask=mask, scale=scale, enable_gqa=True,
-    )
-    return out.transpose(0, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -74,7 +63,7 @@ def test_variable_length_batch_over_scattered_blocks(dtype: torch.dtype) -> None
         k = keys[block_tables[s, : -(-nk // block)].long()].flatten(0, 1)[:nk]
         v = values[block_tables[s, : -(-nk // block)].long()].flatten(0, 1)[:nk]
         rows = slice(start, start + nq)
-        torch.testing.assert_close(out[rows].float(), _reference(q[rows], k, v, scale, causal=True), **tol)
+        torch.testing.assert_close(out[rows].float(), reference_attention(q[rows], k, v, scale, causal=True), **tol)
         scores = torch.einsum("qhd,khd->hqk", q[rows].float(), k.float().repeat_interleave(group, 1)) * scale
         scores = scores.masked_fill(~torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq), float("-inf"))
         torch.testing.assert_close(lse[rows], scores.logsumexp(-1).transpose(0, 1), **tol)
@@ -98,7 +87,7 @@ def test_accumulate_merges_two_key_sets_and_leaves_other_rows() -> None:
                     torch.tensor([6], dtype=torch.int32), 3, 0.3, causal=False, lse=lse, accumulate=True)
     keys = torch.cat([old_k[2:8, 0], new_k[:, 0]])
     values = torch.cat([old_v[2:8, 0], new_v[:, 0]])
-    expected = _reference(q[1:4], keys, values, 0.3, causal=True)  # history first, then the new tokens
+    expected = reference_attention(q[1:4], keys, values, 0.3, causal=True)  # history first, then the new tokens
     torch.testing.assert_close(acc[1:4], expected, atol=1e-5, rtol=1e-5)
     assert (acc[0] == 0).all() and (acc[4] == 0).all() and (lse[0] == 0).all(), "other rows are left alone"
 

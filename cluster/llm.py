@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from cluster.engine_builder import build_engine
 from hybrid_cache.plan import SamplingParams
 from scheduler_service.engine import EngineStats
 from scheduler_service.request import RequestOutput
+from scheduler_service.samples import best_samples
 
 # A prompt is text, token ids, or a dict {"prompt": str} / {"prompt_token_ids": [...]} that may add
 # "cache_type": "kv" | "hidden" to override the cache mode for that request.
@@ -109,14 +111,18 @@ class LLM:
             self.engine.step()  # deliver the aborts so nothing stays queued
             raise
         finished: dict[str, RequestOutput] = {}
-        wanted = set(ids)
+        sample_finals: dict[str, dict[int, RequestOutput]] = {i: {} for i in ids}
         with tqdm(total=len(ids), disable=not use_tqdm, desc="generate") as bar:
             while len(finished) < len(ids):
                 for output in self.engine.step():
-                    if output.finished and output.request_id in wanted:
+                    if output.request_id not in sample_finals:
+                        continue
+                    if output.finish_reason is not None:  # this sample's last output
+                        sample_finals[output.request_id][output.index] = output
+                    if output.finished:
                         finished[output.request_id] = output
                         bar.update(1)
-        return [finished[i] for i in ids]
+        return [_with_samples(finished[i], sample_finals[i], p) for i, p in zip(ids, params_list)]
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -124,3 +130,13 @@ class LLM:
     def shutdown(self) -> None:
         """Stop the model workers (Ray actors with the ray executor; nothing to do in-process)."""
         self.engine.executor.shutdown()
+
+
+def _with_samples(last: RequestOutput, finals: dict[int, RequestOutput], params: SamplingParams) -> RequestOutput:
+    """A request's result: with `n`/`best_of` > 1, its first kept sample carrying every kept one in
+    `samples` (the `n` likeliest when `best_of` > `n`, as over HTTP)."""
+    if params.num_samples == 1:
+        return last
+    ended = [finals[j] for j in sorted(finals)]
+    kept = best_samples(ended, params.n) if params.num_samples > params.n else ended[: params.n]
+    return dataclasses.replace(kept[0], finished=True, samples=tuple(kept))

@@ -133,3 +133,5 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
     index: int = 0  # the sample it reports (`n`/`best_of` > 1); `finished` is the whole request's
+    # The offline `LLM`'s result for `n` > 1: each returned sample's final output, in choice order.
+    samples: tuple[RequestOutput, ...] = ()

@@ -203,3 +203,20 @@ def test_forked_samples_penalise_the_prompt_even_when_sample_0_ended_first(tiny_
     finals = run(engine, prompt, SamplingParams(temperature=0.0, max_tokens=1, repetition_penalty=50.0, n=3))
     assert {index: out.token_ids for index, out in finals.items()} == {0: expected, 1: expected, 2: expected}
     assert_cache_empty(engine)
+
+
+def test_offline_llm_returns_every_sample(tiny_models, make_llm) -> None:
+    """`LLM.generate` gives one result per prompt; with n > 1 it carries each sample, in index order,
+    the same samples the engine's stream reports (best_of > n: the n likeliest)."""
+    llm = make_llm(tiny_models["opt"], block_size=4, num_blocks=64, cache_mode="kv")
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=6, ignore_eos=True, n=3)
+    [result] = llm.generate([PROMPT], params)
+    assert result.finished and [s.index for s in result.samples] == [0, 1, 2]
+    streamed = run(llm.engine, PROMPT, params, request_id="again")
+    assert [s.token_ids for s in result.samples] == [streamed[j].token_ids for j in range(3)]
+    [plain] = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=4))
+    assert plain.samples == (), "a single sample needs no list"
+    best = SamplingParams(temperature=1.0, seed=5, max_tokens=6, ignore_eos=True, n=2, best_of=4)
+    [ranked] = llm.generate([PROMPT], best)
+    all_four = run(llm.engine, PROMPT, best, request_id="ranked")
+    assert [s.token_ids for s in ranked.samples] == [s.token_ids for s in best_samples(list(all_four.values()), 2)]

@@ -20,8 +20,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from cluster.errors import ReplicaFailed, RequestAborted
 from hybrid_cache.plan import CacheType, SamplingParams
 from scheduler_service.async_engine import outputs_from
-from scheduler_service.engine import DuplicateRequestId, EngineStats, QueueFull
+from scheduler_service.engine import DuplicateRequestId, QueueFull
 from scheduler_service.request import RequestOutput
+from scheduler_service.stats import EngineStats
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from cluster.errors import DuplicateRequestId
 from cluster.streams import RequestStream
 from hybrid_cache.plan import CacheType, SamplingParams
 from scheduler_service.async_engine import AsyncEngine
-from scheduler_service.engine import EngineStats
+from scheduler_service.stats import EngineStats
 
 UP, DOWN = "up", "down"  # a replica's state as /health and /metrics report it
 

@@ -11,9 +11,9 @@ from tqdm import tqdm
 from cluster.config import AptServeConfig, load_config, with_overrides
 from cluster.engine_builder import build_engine
 from hybrid_cache.plan import SamplingParams
-from scheduler_service.engine import EngineStats
 from scheduler_service.request import RequestOutput
 from scheduler_service.samples import best_samples
+from scheduler_service.stats import EngineStats
 
 # A prompt is text, token ids, or a dict {"prompt": str} / {"prompt_token_ids": [...]} that may add
 # "cache_type": "kv" | "hidden" to override the cache mode for that request.

@@ -19,8 +19,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from scheduler_service.engine import ABORT_REASONS, EngineStats
+from scheduler_service.engine import ABORT_REASONS
 from scheduler_service.metrics import Histogram
+from scheduler_service.stats import EngineStats
 
 PREFIX = "aptserve:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

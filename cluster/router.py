@@ -24,7 +24,7 @@ from cluster.errors import ENGINE_FAILURES, DuplicateRequestId, NoHealthyReplica
 from cluster.gateways import DOWN, UP
 from cluster.streams import RequestStream
 from hybrid_cache.plan import CacheType, SamplingParams
-from scheduler_service.engine import EngineStats
+from scheduler_service.stats import EngineStats
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from hybrid_cache.plan import CacheType, SamplingParams
-from scheduler_service.engine import DuplicateRequestId, Engine, EngineStats, QueueFull
+from scheduler_service.engine import DuplicateRequestId, Engine, QueueFull
 from scheduler_service.request import RequestOutput
+from scheduler_service.stats import EngineStats
 
 log = logging.getLogger(__name__)
 

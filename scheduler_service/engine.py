@@ -9,65 +9,23 @@ import numbers
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from hybrid_cache.layout import HiddenCacheUnavailable
-from hybrid_cache.manager import CacheManager, CacheUsage
+from hybrid_cache.manager import CacheManager
 from hybrid_cache.plan import BatchPlan, CacheType, SamplingParams, TokenLogprobs, logprobs_of, prompt_logprobs_of
 from hybrid_cache.timing import StepTimer
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.executor import Detokenizer, Executor, ExecutorFailed, SequenceFailed
 from scheduler_service.metrics import EngineMetrics
-from scheduler_service.output import append_token
+from scheduler_service.output import append_token, record_prompt_logprobs, request_output
 from scheduler_service.policies import allowed_cache_types, make_policy
 from scheduler_service.request import FinishReason, Request, RequestOutput, RequestStatus
 from scheduler_service.samples import SampleGroup
 from scheduler_service.scheduler import ScheduledStep, Scheduler
-from scheduler_service.step_time import StepTimePredictor, StepTimeReport, StepTimeTracker
+from scheduler_service.stats import EngineStats
+from scheduler_service.step_time import StepTimePredictor, StepTimeTracker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine's state and what it knows about its cache."""
-
-    policy: str
-    cache_mode: str  # the mode in effect (hybrid runs as kv when the hidden cache cannot help)
-    num_running: int
-    num_waiting: int
-    cache: CacheUsage
-    num_steps: int
-    num_preemptions: int
-    num_conversions: int
-    num_failed_steps: int  # steps that failed (the requests they touched ended with an error, or were preempted)
-    tokens_by_cache_type: dict[str, int]  # generated tokens, by the cache type their request held
-    # Cumulative seconds: engine-side `scheduling` and `execute` (the executor call, Ray included), and the
-    # executor's `model` (rank 0's forward and sampling), `attention` (within model), `recompute` (within attention).
-    step_seconds: dict[str, float]
-    block_size: int
-    hidden_tokens_per_block: int | None
-    ratio: float  # r: hidden bytes per token over KV bytes per token
-    kv_bytes_per_token_per_layer: int
-    hidden_bytes_per_token_per_layer: int
-    cache_bytes: int
-    num_rejected: dict[str, int]  # requests refused by add_request, by reason: invalid or queue_full
-    alpha: float  # seconds of K/V recompute per block of hidden history per step (measured or configured)
-    recompute_fixed_seconds: float
-    metrics: EngineMetrics  # a copy: counters and latency histograms for Prometheus
-    # Steps where the policy raised or scheduled nothing with work pending, and FCFS decided instead:
-    # zero unless a policy has a bug (the soak test asserts it).
-    num_policy_fallbacks: int = 0
-    # False once the engine loop has stopped (shut down, or failed beyond recovery): the numbers above
-    # are then the last ones, not a live engine's. The serving layer renders it as an `up` gauge.
-    healthy: bool = True
-    # The start-up step-time model (None without one) and its predictions against the measured time
-    # of each step's executor call.
-    step_time: StepTimeReport = StepTimeReport(None)
-    # Prompts prefilled: requests admitted from the waiting queue (re-admissions after preemption
-    # included; a forked sample shares its prompt's prefill and is not), and parallel samples forked.
-    num_prefills: int = 0
-    num_forked_samples: int = 0
 
 
 class QueueFull(RuntimeError):
@@ -306,7 +264,7 @@ class Engine:
         Never raises for a failed step (see the class docstring); the failure is logged and counted in
         `num_failed_steps`.
         """
-        outputs = [self._output(r, []) for r in self._aborted]
+        outputs = [request_output(r, []) for r in self._aborted]
         self._aborted = []
         started = time.perf_counter()
         try:
@@ -348,7 +306,7 @@ class Engine:
         now = self.clock()
         for request, seq, entries in zip(step.requests, step.plan.seqs, prompt_logprobs_of(tokens) or ()):
             if entries is not None:
-                _record_prompt_logprobs(request, seq.start_pos, entries)
+                record_prompt_logprobs(request, seq.start_pos, entries)
         # Sample 0s whose prompt is now computed fork their samples (before their own first token is
         # applied: a forked sample starts from the prompt alone, with its prompt logprobs if asked).
         for request in step.requests:
@@ -380,7 +338,7 @@ class Engine:
             request.logprobs.append(logprobs)
         if reason is not None:
             self._finish(request, reason)
-        return self._output(request, [token], [logprobs] if logprobs is not None else None)
+        return request_output(request, [token], [logprobs] if logprobs is not None else None)
 
     def _forget(self, plan: BatchPlan) -> None:
         """A plan with no sequence only tells the workers which requests ended; a failure costs nothing."""
@@ -395,7 +353,7 @@ class Engine:
         request.error = message
         if not request.is_finished:
             self._finish(request, FinishReason.ERROR)
-        return self._output(request, [])
+        return request_output(request, [])
 
     def _fail_running(self, reason: str) -> list[RequestOutput]:
         """The workers lost their caches: end every running request with an error (waiting ones stay)."""
@@ -428,33 +386,10 @@ class Engine:
         """After a failure outside a step's guarded parts: end every request in flight with an error
         (freeing every block) so that the engine is consistent and serves new requests."""
         log.error("recovering from %s: ending %d requests in flight", type(err).__name__, len(self.requests))
-        outputs = [self._output(r, []) for r in self._aborted]
+        outputs = [request_output(r, []) for r in self._aborted]
         self._aborted = []
         in_flight = [s for r in self.requests.values() for s in (r.group.live() if r.group else [r])]
         return outputs + self._fail_step(in_flight, _INTERNAL_ERROR)
-
-    def _output(
-        self, request: Request, new: list[int], new_logprobs: list[TokenLogprobs] | None = None
-    ) -> RequestOutput:
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            token_ids=list(request.output_token_ids),
-            new_token_ids=new,
-            text=request.text,
-            finished=request.is_finished if request.group is None else request.group.reports_end(request),
-            finish_reason=request.finish_reason.value if request.finish_reason else None,
-            cache_type=request.cache_type.value if request.cache_type else None,
-            num_preemptions=request.num_preemptions,
-            error=request.error,
-            new_logprobs=new_logprobs,
-            logprobs=request.logprobs if request.is_finished and request.params.logprobs is not None else None,
-            # With the first token (and the last output): what `echo` shows before the output's own.
-            prompt_logprobs=request.prompt_logprobs if request.params.prompt_logprobs is not None and (
-                len(request.output_token_ids) == 1 or request.is_finished) else None,
-            stop_reason=request.stop_reason,
-            index=request.sample_index,
-        )
 
     # -- reporting -----------------------------------------------------------------------------
     def stats(self, healthy: bool = True) -> EngineStats:
@@ -512,12 +447,4 @@ def _ask_prompt_logprobs(step: ScheduledStep) -> None:
             seq.prompt_logprobs = wanted
 
 
-def _record_prompt_logprobs(request: Request, start: int, entries: list[TokenLogprobs | None]) -> None:
-    """Entries for the prompt positions `start..` (any past the prompt, in a re-prefill, dropped)."""
-    known = request.prompt_logprobs
-    end = min(len(request.prompt_token_ids), start + len(entries))
-    known.extend([None] * (start - len(known)))
-    known[start:end] = entries[: end - start]
-
-
-__all__ = ["ABORT_REASONS", "DuplicateRequestId", "Engine", "EngineStats", "QueueFull"]
+__all__ = ["ABORT_REASONS", "DuplicateRequestId", "Engine", "QueueFull"]

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 from hybrid_cache.plan import CacheType, SamplingParams
 from scheduler_service.async_engine import AsyncEngine, RequestStream
-from scheduler_service.engine import Engine, EngineStats
+from scheduler_service.engine import Engine
 from scheduler_service.request import RequestOutput
+from scheduler_service.stats import EngineStats
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
-"""Stop conditions and output text: what happens to a request after each sampled token."""
+"""Stop conditions, output text and the outputs callers see: what happens to a request after each step."""
 
 from __future__ import annotations
 
+from hybrid_cache.plan import TokenLogprobs
 from scheduler_service.executor import Detokenizer
-from scheduler_service.request import FinishReason, Request
+from scheduler_service.request import FinishReason, Request, RequestOutput
 
 
 def append_token(
@@ -44,3 +45,35 @@ def append_token(
                 request.text = request.text[: at + (len(stop) if params.include_stop_str_in_output else 0)]
                 reason, request.stop_reason = FinishReason.STOP, stop
     return reason
+
+
+def request_output(request: Request, new: list[int], new_logprobs: list[TokenLogprobs] | None = None) -> RequestOutput:
+    """What the caller sees of `request` now: its tokens so far and `new` (this step's), its text, and
+    whether it ended (for a group of samples, only the group's last output says `finished`)."""
+    return RequestOutput(
+        request_id=request.request_id,
+        prompt_token_ids=request.prompt_token_ids,
+        token_ids=list(request.output_token_ids),
+        new_token_ids=new,
+        text=request.text,
+        finished=request.is_finished if request.group is None else request.group.reports_end(request),
+        finish_reason=request.finish_reason.value if request.finish_reason else None,
+        cache_type=request.cache_type.value if request.cache_type else None,
+        num_preemptions=request.num_preemptions,
+        error=request.error,
+        new_logprobs=new_logprobs,
+        logprobs=request.logprobs if request.is_finished and request.params.logprobs is not None else None,
+        # With the first token (and the last output): what `echo` shows before the output's own.
+        prompt_logprobs=request.prompt_logprobs if request.params.prompt_logprobs is not None and (
+            len(request.output_token_ids) == 1 or request.is_finished) else None,
+        stop_reason=request.stop_reason,
+        index=request.sample_index,
+    )
+
+
+def record_prompt_logprobs(request: Request, start: int, entries: list[TokenLogprobs | None]) -> None:
+    """Entries for the prompt positions `start..` (any past the prompt, in a re-prefill, dropped)."""
+    known = request.prompt_logprobs
+    end = min(len(request.prompt_token_ids), start + len(entries))
+    known.extend([None] * (start - len(known)))
+    known[start:end] = entries[: end - start]

@@ -13,7 +13,7 @@ from hybrid_cache import CacheLayout, SamplingParams
 from hybrid_cache.info import CostModel, StepCostModel, WorkerInfo
 from hybrid_cache.plan import BatchPlan
 from scheduler_service import Engine, QueueFull, SchedulerConfig
-from scheduler_service.engine import EngineStats
+from scheduler_service.stats import EngineStats
 
 LAYOUT = CacheLayout(num_layers=2, hidden_size=64, num_kv_heads=4, head_dim=16, block_size=4, dtype_bytes=4)
 EOS = 2

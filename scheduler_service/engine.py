@@ -289,16 +289,9 @@ class Engine:
                 executed = time.perf_counter() - executed
             if len(tokens) != len(step.requests):
                 raise RuntimeError(f"the executor returned {len(tokens)} tokens for {len(step.requests)} sequences")
-        except ExecutorFailed as err:
-            self.scheduler.requeue_finished(step.plan.finished_seq_ids)
-            return outputs + self._fail_running(str(err))
-        except SequenceFailed as err:
-            self.scheduler.requeue_finished(step.plan.finished_seq_ids)
-            return outputs + self._fail_traced(step, err)
-        except Exception:  # noqa: BLE001 - unknown cause: the requests of this step end, the engine goes on
-            log.exception("a step of %d sequences failed", len(step.requests))
-            self.scheduler.requeue_finished(step.plan.finished_seq_ids)
-            return outputs + self._fail_step(step.requests, _INTERNAL_ERROR)
+        except Exception as err:  # noqa: BLE001 - a failed step ends what it touched; the engine goes on
+            self.scheduler.requeue_finished(step.plan.finished_seq_ids)  # their workers never heard of it
+            return outputs + self._fail_for(step, err)
         self.scheduler.end_step(step)
         self.num_steps += 1
         if step.predicted_seconds is not None:
@@ -354,6 +347,16 @@ class Engine:
         if not request.is_finished:
             self._finish(request, FinishReason.ERROR)
         return request_output(request, [])
+
+    def _fail_for(self, step: ScheduledStep, err: Exception) -> list[RequestOutput]:
+        """End what a failed executor call touched: every running request when the workers are gone
+        (`ExecutorFailed`), the named ones (`SequenceFailed`), else the step's requests."""
+        if isinstance(err, ExecutorFailed):
+            return self._fail_running(str(err))
+        if isinstance(err, SequenceFailed):
+            return self._fail_traced(step, err)
+        log.error("a step of %d sequences failed", len(step.requests), exc_info=err)
+        return self._fail_step(step.requests, _INTERNAL_ERROR)
 
     def _fail_running(self, reason: str) -> list[RequestOutput]:
         """The workers lost their caches: end every running request with an error (waiting ones stay)."""

@@ -48,6 +48,9 @@ METRICS = {
     "(any finish reason: timeouts, aborts and errors are misses), and every queue-full refusal.",
     "num_preemptions_total": "Requests preempted (their cache freed, re-prefilled later).",
     "num_conversions_total": "Hidden-to-KV conversions in place.",
+    "num_prefills_total": "Prompts prefilled: requests admitted from the waiting queue (re-admissions after "
+    "preemption included; a forked sample shares its prompt's prefill).",
+    "num_forked_samples_total": "Parallel samples (n / best_of > 1) forked from a prefilled prompt.",
     "num_failed_steps_total": "Steps lost to a worker failure.",
     "prompt_tokens_total": "Prompt tokens prefilled (counted at each request's first token).",
     "generation_tokens_total": "Tokens generated.",
@@ -144,6 +147,8 @@ class _ReplicaCollector(Collector):
             counter("requests_slo_judged_total", metrics.slo_judged)
             counter("num_preemptions_total", stats.num_preemptions)
             counter("num_conversions_total", stats.num_conversions)
+            counter("num_prefills_total", stats.num_prefills)
+            counter("num_forked_samples_total", stats.num_forked_samples)
             counter("num_failed_steps_total", stats.num_failed_steps)
             counter("prompt_tokens_total", metrics.prompt_tokens)
             counter("generation_tokens_total", metrics.generation_tokens)

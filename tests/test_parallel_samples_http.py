@@ -43,11 +43,21 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0)
 
 
+def _counter(base: str, name: str) -> float:
+    page = httpx.get(f"{base}/metrics", timeout=10).text
+    lines = [ln for ln in page.splitlines() if ln.startswith(f"aptserve:{name}{{")]
+    assert len(lines) == 1, lines
+    return float(lines[0].rsplit(" ", 1)[1])
+
+
 def test_n3_returns_three_choices_from_one_prefill(server, client: openai.OpenAI) -> None:
-    _, engine = server
+    base, engine = server
     before = engine.stats()
+    prefills, forks = _counter(base, "num_prefills_total"), _counter(base, "num_forked_samples_total")
     done = create(client, n=3)
     after = engine.stats()
+    assert _counter(base, "num_prefills_total") - prefills == 1, "/metrics shows the one prefill"
+    assert _counter(base, "num_forked_samples_total") - forks == 2
     assert [c.index for c in done.choices] == [0, 1, 2]
     assert after.num_prefills - before.num_prefills == 1, "the prompt was prefilled once"
     assert after.num_forked_samples - before.num_forked_samples == 2

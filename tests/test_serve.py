@@ -155,8 +155,11 @@ def test_grpc_streams_what_http_returns(server: Server) -> None:
 
 def test_hundred_streams_thirty_dropped(server: Server) -> None:
     async def one(client: httpx.AsyncClient, i: int) -> str:
-        body = {"model": MODEL, "prompt": f"Story number {i}:", "max_tokens": 24, "temperature": 0,
-                "ignore_eos": True, "stream": True}
+        dropping = i % 10 < 3
+        # A stream to drop asks for many tokens, so that it is still running when the server sees the
+        # disconnect (a short one can finish first on a fast step and be counted as finished).
+        body = {"model": MODEL, "prompt": f"Story number {i}:", "max_tokens": 300 if dropping else 24,
+                "temperature": 0, "ignore_eos": True, "stream": True}
         events = 0
         async with client.stream("POST", f"{server.base}/v1/completions", json=body) as response:
             assert response.status_code == 200
@@ -166,7 +169,7 @@ def test_hundred_streams_thirty_dropped(server: Server) -> None:
                 if line == "data: [DONE]":
                     return "done"
                 events += 1
-                if i % 10 < 3 and events >= 3:
+                if dropping and events >= 3:
                     return "dropped"  # leaving the block closes the connection half-way
                 assert json.loads(line[6:]).get("choices", [{}])[0].get("finish_reason", "?") in (None, "length"), line
         return "cut"

@@ -43,7 +43,7 @@ from cluster.request_params import REQUEST_FIELDS
 from cluster.streams import Deadline, merged
 from cluster.tokenizer import Tokenizer
 from scheduler_service.request import RequestOutput
-from scheduler_service.samples import best_samples
+from scheduler_service.samples import kept_samples
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def build_app(frontend: Frontend | None = None) -> FastAPI:
                         raise f.error(failure)
                 if len(samples) != generated:
                     raise f.error(ENGINE_FAILED_REQUEST)
-                kept = best_samples(list(samples.values()), n) if generated > n else [samples[j] for j in range(n)]
+                kept = kept_samples(samples, n)
                 choices += [choice_for(body, i * n + j, given[i], f.tokenizer).final(out) for j, out in enumerate(kept)]
             return {"id": request_id, "object": kind, "created": int(time.time()), "model": f.model_name,
                     "choices": choices, "usage": usage(finals)}

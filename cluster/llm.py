@@ -12,7 +12,7 @@ from cluster.config import AptServeConfig, load_config, with_overrides
 from cluster.engine_builder import build_engine
 from hybrid_cache.plan import SamplingParams
 from scheduler_service.request import RequestOutput
-from scheduler_service.samples import best_samples
+from scheduler_service.samples import kept_samples
 from scheduler_service.stats import EngineStats
 
 # A prompt is text, token ids, or a dict {"prompt": str} / {"prompt_token_ids": [...]} that may add
@@ -137,6 +137,5 @@ def _with_samples(last: RequestOutput, finals: dict[int, RequestOutput], params:
     `samples` (the `n` likeliest when `best_of` > `n`, as over HTTP)."""
     if params.num_samples == 1:
         return last
-    ended = [finals[j] for j in sorted(finals)]
-    kept = best_samples(ended, params.n) if params.num_samples > params.n else ended[: params.n]
+    kept = kept_samples(finals, params.n)
     return dataclasses.replace(kept[0], finished=True, samples=tuple(kept))

@@ -18,7 +18,7 @@ the caller keeps the `n` whose tokens have the highest cumulative log probabilit
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hybrid_cache.plan import MAX_INT64, SamplingParams
@@ -109,3 +109,11 @@ def best_samples(finals: Sequence[RequestOutput], n: int) -> list[RequestOutput]
     lower index first), re-indexed 0..n-1 as the choices a caller gets."""
     ranked = sorted(finals, key=lambda out: (-cumulative_logprob(out), out.index))[:n]
     return [dataclasses.replace(out, index=i) for i, out in enumerate(ranked)]
+
+
+def kept_samples(finals: Mapping[int, RequestOutput], n: int) -> list[RequestOutput]:
+    """The choices a caller gets from each sample's final output (by sample index): the `n` likeliest
+    when more were generated (`best_of`), else the samples in index order."""
+    if len(finals) > n:
+        return best_samples(list(finals.values()), n)
+    return [finals[j] for j in sorted(finals)]

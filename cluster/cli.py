@@ -69,6 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from cluster.serve_app import start_serving, stop_serving
@@ -87,6 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' {auth}"
           f"-d '{{\"model\": \"{name}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'",
           flush=True)
+    # SIGTERM (Kubernetes, systemd, `kill`) stops as cleanly as Ctrl-C: Serve, engines, Ray.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)

@@ -25,7 +25,10 @@ class ServerConfig(BaseModel):
 
     host: str = Field("127.0.0.1", description="HTTP listen address; loopback unless you mean to expose it")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
-    grpc_port: int = Field(9000, ge=0, le=65535, description="gRPC port (Ray Serve's gRPC proxy)")
+    grpc_port: int = Field(9000, ge=0, le=65535, description="gRPC port")
+    ingress: Literal["direct", "proxy"] = Field(
+        "direct", description="direct: each ingress replica listens on the ports itself; proxy: Ray Serve's proxies do"
+    )
     served_model_name: str | None = Field(None, description="default: the model directory's name")
     request_timeout_s: float = Field(600.0, gt=0, description="a request still running after this is aborted (504)")
     max_ongoing_requests: int = Field(

@@ -1,9 +1,12 @@
 """The gRPC service (aptserve.v1.AptServe) over a `Frontend`: the same checks, answers and streams as HTTP.
 
-Ray Serve's ingress (`cluster/serve_app.py`) forwards each RPC here; tests drive it directly with a
-stand-in context. Every failure ends the RPC with a status and a one-line detail (`cluster/errors.py`):
-bad input INVALID_ARGUMENT, an unknown model NOT_FOUND, a request id in use ALREADY_EXISTS, a full
-queue RESOURCE_EXHAUSTED, no engine up UNAVAILABLE, the request timeout DEADLINE_EXCEEDED, an `Abort`
+`AptServeRpcs` is the service itself (API key checked): Ray Serve's gRPC proxy calls the ingress's
+methods by name (`cluster/serve_app.py`), direct ingress serves them under `grpc.aio`
+(`cluster/direct_ingress.py`); tests drive `GrpcServicer` directly with a stand-in context.
+
+Every failure ends the RPC with a status and a one-line detail (`cluster/errors.py`): bad input
+INVALID_ARGUMENT, an unknown model NOT_FOUND, a request id in use ALREADY_EXISTS, a full queue
+RESOURCE_EXHAUSTED, no engine up UNAVAILABLE, the request timeout DEADLINE_EXCEEDED, an `Abort`
 CANCELLED. Whatever ends a `Generate` early (a client that cancels its call included) aborts its request.
 """
 
@@ -11,11 +14,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 import grpc
 
+from cluster.auth import UNAUTHORIZED_MESSAGE, metadata_authorized
 from cluster.errors import ENGINE_FAILED_REQUEST, Failure, InvalidField, Kind, ModelNotFound, classify
 from cluster.gateways import service_status
 from cluster.grpc_gen import aptserve_pb2 as pb
@@ -32,6 +36,12 @@ class StatusContext(Protocol):
     def set_code(self, code: grpc.StatusCode) -> None: ...
 
     def set_details(self, details: str) -> None: ...
+
+
+class RpcContext(StatusContext, Protocol):
+    """An RPC's context as the service reads it: its status, and the metadata the call came with."""
+
+    def invocation_metadata(self) -> Sequence[tuple[str, str | bytes]] | None: ...
 
 
 class GrpcServicer:
@@ -146,3 +156,45 @@ def _fail(context: StatusContext, failure: Failure) -> None:
     context.set_code(failure.kind.grpc_code)
     context.set_details(failure.message)
     raise GrpcRequestError(failure.message)
+
+
+class AptServeRpcs:
+    """The gRPC service (aptserve.v1.AptServe) over `self.grpc`, with the API key checked: Serve's gRPC
+    proxy calls these methods by name; direct ingress serves them under `grpc.aio`."""
+
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+        self.grpc = GrpcServicer(frontend)
+
+    def _authenticate(self, grpc_context: RpcContext) -> None:
+        authenticate_grpc(self.frontend, grpc_context)
+
+    async def Generate(  # noqa: N802 - the RPC's name
+        self, request: pb.GenerateRequest, grpc_context: RpcContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        self._authenticate(grpc_context)
+        async for reply in self.grpc.generate(request, grpc_context):
+            yield reply
+
+    async def Abort(self, request: pb.AbortRequest, grpc_context: RpcContext) -> pb.AbortResponse:  # noqa: N802
+        self._authenticate(grpc_context)
+        return await self.grpc.abort(request, grpc_context)
+
+    async def Health(self, request: pb.HealthRequest) -> pb.HealthResponse:  # noqa: N802
+        return await self.grpc.health(request)
+
+    async def ModelInfo(  # noqa: N802
+        self, request: pb.ModelInfoRequest, grpc_context: RpcContext
+    ) -> pb.ModelInfoResponse:
+        self._authenticate(grpc_context)
+        return await self.grpc.model_info(request)
+
+
+def authenticate_grpc(frontend: Frontend, grpc_context: RpcContext) -> None:
+    """End the call UNAUTHENTICATED (counted as `unauthorized`) unless its metadata carries the API key,
+    when one is set."""
+    if not metadata_authorized(frontend.api_key, grpc_context.invocation_metadata()):
+        frontend.counters.reject("unauthorized")
+        grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        grpc_context.set_details(UNAUTHORIZED_MESSAGE)
+        raise GrpcRequestError(UNAUTHORIZED_MESSAGE)

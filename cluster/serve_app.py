@@ -5,25 +5,26 @@
 The ingress reserves no CPU. It validates and tokenizes requests and routes them to the engine
 replicas, which are named detached scheduler actors (`cluster/ray_cluster.py`). Every ingress replica
 finds the same engines. It also renders `/metrics` from every replica's statistics.
+
+Requests reach an ingress replica one of two ways (`server.ingress`): `direct` (the default), where the
+replica listens on the HTTP and gRPC ports itself (`cluster/direct_ingress.py`) and Serve starts no
+proxy; or `proxy`, through Serve's proxy actors on every node (the way a multi-node KubeRay Service
+reaches it). docs/DEPLOY.md compares the two.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
-from ray.serve.grpc_util import RayServegRPCContext
 
-from cluster.auth import UNAUTHORIZED_MESSAGE, metadata_authorized
 from cluster.config import AptServeConfig, load_config
+from cluster.direct_ingress import DirectIngress
 from cluster.engine_client import EngineClient
-from cluster.grpc_gen import aptserve_pb2 as pb
-from cluster.grpc_servicer import GrpcRequestError, GrpcServicer
+from cluster.grpc_servicer import AptServeRpcs
 from cluster.http_server import Frontend, build_app, install_frontend
 from cluster.ray_cluster import (
     find_engine_replicas,
@@ -43,7 +44,7 @@ fastapi_app = build_app()  # serves the frontend each ingress replica installs i
 
 
 @serve.ingress(fastapi_app)
-class AptServeIngress:
+class AptServeIngress(AptServeRpcs):
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AptServeConfig.model_validate(config)
         server = self.config.server
@@ -59,41 +60,21 @@ class AptServeIngress:
                                  retry_after_s=server.retry_after_s, max_body_bytes=server.max_body_bytes,
                                  api_key=server.resolved_api_key(), generation_defaults=defaults)
         install_frontend(self.frontend)
-        self.grpc = GrpcServicer(self.frontend)
+        super().__init__(self.frontend)
+        self.direct: DirectIngress | None = None
+        if server.ingress == "direct":  # this replica listens itself (Serve runs no proxy)
+            self.direct = DirectIngress(fastapi_app, self, server.host, server.port, server.grpc_port,
+                                        share_ports=server.ingress_replicas > 1)
+            self.direct.start()
 
-    # -- gRPC (aptserve.v1.AptServe): `cluster/grpc_servicer.py` -----------------------------------------
-    def _authenticate(self, grpc_context: RayServegRPCContext) -> None:
-        authenticate_grpc(self.frontend, grpc_context)
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose own listeners stopped is restarted."""
+        if self.direct is not None and not self.direct.alive():
+            raise RuntimeError("the direct-ingress listeners stopped")
 
-    async def Generate(  # noqa: N802 - the RPC's name
-        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        self._authenticate(grpc_context)
-        async for reply in self.grpc.generate(request, grpc_context):
-            yield reply
-
-    async def Abort(self, request: pb.AbortRequest, grpc_context: RayServegRPCContext) -> pb.AbortResponse:  # noqa: N802
-        self._authenticate(grpc_context)
-        return await self.grpc.abort(request, grpc_context)
-
-    async def Health(self, request: pb.HealthRequest) -> pb.HealthResponse:  # noqa: N802
-        return await self.grpc.health(request)
-
-    async def ModelInfo(  # noqa: N802
-        self, request: pb.ModelInfoRequest, grpc_context: RayServegRPCContext
-    ) -> pb.ModelInfoResponse:
-        self._authenticate(grpc_context)
-        return await self.grpc.model_info(request)
-
-
-def authenticate_grpc(frontend: Frontend, grpc_context: RayServegRPCContext) -> None:
-    """End the call UNAUTHENTICATED (counted as `unauthorized`) unless its metadata carries the API key,
-    when one is set."""
-    if not metadata_authorized(frontend.api_key, grpc_context.invocation_metadata()):
-        frontend.counters.reject("unauthorized")
-        grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
-        grpc_context.set_details(UNAUTHORIZED_MESSAGE)
-        raise GrpcRequestError(UNAUTHORIZED_MESSAGE)
+    def __del__(self) -> None:
+        if getattr(self, "direct", None) is not None:
+            self.direct.stop()
 
 
 def build_application(config: AptServeConfig) -> serve.Application:
@@ -137,13 +118,17 @@ def grpc_options(config: AptServeConfig) -> gRPCOptions:
 
 
 def start_serving(config: AptServeConfig) -> None:
-    """Start Serve on this Ray (started on loopback if needed): HTTP on `server.host:port`, gRPC on
-    `server.grpc_port`, and the application (which starts the engine replicas)."""
+    """Start Serve on this Ray (started on loopback if needed) and the application (which starts the
+    engine replicas): HTTP on `server.host:port` and gRPC on `server.grpc_port`, served by the ingress
+    replicas themselves (`server.ingress: direct`) or by Serve's proxies (`proxy`)."""
     ensure_ray(grpc_host=config.server.host)
-    serve.start(
-        http_options={"host": config.server.host, "port": config.server.port},
-        grpc_options=grpc_options(config),
-    )
+    if config.server.ingress == "direct":
+        serve.start(proxy_location="Disabled")
+    else:
+        serve.start(
+            http_options={"host": config.server.host, "port": config.server.port},
+            grpc_options=grpc_options(config),
+        )
     serve.run(build_application(config), name=APP_NAME, route_prefix="/", blocking=False)
 
 

@@ -117,9 +117,8 @@ def test_grpc_calls_carry_the_same_key() -> None:
     import grpc
 
     from cluster.auth import metadata_authorized
-    from cluster.grpc_servicer import GrpcRequestError
+    from cluster.grpc_servicer import GrpcRequestError, authenticate_grpc
     from cluster.http_server import Frontend
-    from cluster.serve_app import authenticate_grpc
 
     assert metadata_authorized(None, []) and metadata_authorized(KEY, [("authorization", f"Bearer {KEY}")])
     assert not metadata_authorized(KEY, []) and not metadata_authorized(KEY, [("authorization", "Bearer x")])

@@ -184,6 +184,8 @@ def test_serve_config_is_valid_for_ray_serve(path: Path) -> None:
     assert set(app) <= set(ServeApplicationSchema.model_fields)
     assert app["import_path"] == "cluster.serve_app:app_builder"
     assert (app["name"], app["route_prefix"]) == (serve_app.APP_NAME, "/")
+    # Serve's proxies hold the HTTP and gRPC ports on every pod: an ingress listening itself would collide.
+    assert config["proxy_location"] != "Disabled" and app["args"]["set"]["server.ingress"] == "proxy"
 
 
 @pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.name)

@@ -1,12 +1,22 @@
-"""A batch plan as a few flat integer/float arrays: the compact form sent to every rank once per step.
+"""A batch plan as two flat arrays, one of integers and one of floats: the compact form sent to every
+rank once per step.
 
-Lists of Python objects cost a pickle per field per request; these arrays cost one buffer each.
+Why two arrays and not one per field: every array costs the channel a header entry, a copy and a
+parse, and the rank a `tolist`; with ~30 fields that was most of the plan's trip (docs/BENCHMARKS.md,
+issue 15). One pass over the sequences writes everything; one pass on the rank reads it back.
 Only what workers read travels: token ids, positions, block tables, cache types, conversions and the
 sampling fields the sampler reads (stop strings stay with the engine; stop token ids and `ignore_eos`
-travel because `min_tokens` masks them). Every value `SamplingParams` accepts survives a round trip
-unchanged: floats as float64 (exact for Python floats), top_k and seed as int64 (`SamplingParams`
-bounds both by 2**63 - 1 and refuses negative seeds, so -1 can mean "unseeded"; `logprobs` is at most
-20, so -1 means "none").
+travel because `min_tokens` masks them). A step's sampling settings travel once per distinct value,
+as a table the sequences index (a batch mostly shares a few). Every value `SamplingParams` accepts
+survives a round trip unchanged: floats as float64 (exact for Python floats), top_k and seed as int64
+(`SamplingParams` bounds both by 2**63 - 1 and refuses negative seeds, so -1 can mean "unseeded";
+`logprobs` is at most 20, so -1 means "none").
+
+Layout of `ints`: the counts (sequences, sampling rows, finished ids, block copies); each sampling row
+(top_k, seed, min_tokens, logprobs, ignore_eos, #stop ids, #bias ids, the stop ids, the bias ids);
+each sequence (`_SEQ_FIELDS` values, then its token ids, block table and conversion blocks); the
+finished ids; the block copies as (src, dst) pairs. `floats` holds each sampling row's `_FLOATS`,
+then its bias values.
 """
 
 from __future__ import annotations
@@ -30,82 +40,112 @@ EncodedPlan = dict[str, np.ndarray]
 UNSEEDED = -1
 NO_LOGPROBS = -1
 NOT_FORKED = -1
+NO_CONVERSION = -1
 _SAMPLING_CACHE_SIZE = 4096  # distinct sampling settings a rank remembers (an LRU: seeded requests each add one)
 _FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")
 _TYPES = (CacheType.KV, CacheType.HIDDEN)
+_TYPE_CODES = {kind: code for code, kind in enumerate(_TYPES)}
+_COUNTS = 4  # sequences, sampling rows, finished ids, block copies
+_ROW_FIELDS = 7  # top_k, seed, min_tokens, logprobs, ignore_eos, #stop ids, #bias ids
+# seq_id, start_pos, cache type, sampling row, fork_of, prompt_logprobs, conversion tokens,
+# #tokens, #blocks, #conversion hidden blocks, #conversion kv blocks
+_SEQ_FIELDS = 11
+SamplingRow = tuple[tuple[int, ...], tuple[float, ...]]
+# The encoded row of each `SamplingParams` object the executor has sent, by identity: a request's
+# object is the same every step, and rebuilding its row cost more than the rest of the sequence.
+# Each entry holds its object, so an id cannot be reused while cached.
+_ROWS: dict[int, tuple[SamplingParams, SamplingRow]] = {}
 
 
-def _ragged(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated values and `len(rows) + 1` offsets."""
-    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum([len(r) for r in rows], out=offsets[1:])
-    values = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(offsets[-1]))
-    return values, offsets
+def _sampling_row(params: SamplingParams) -> SamplingRow:
+    cached = _ROWS.get(id(params))
+    if cached is not None and cached[0] is params:
+        return cached[1]
+    bias_ids = tuple(token for token, _ in params.logit_bias)
+    row = (
+        (params.top_k, UNSEEDED if params.seed is None else params.seed, params.min_tokens,
+         NO_LOGPROBS if params.logprobs is None else params.logprobs, int(params.ignore_eos),
+         len(params.stop_token_ids), len(bias_ids), *params.stop_token_ids, *bias_ids),
+        (*(getattr(params, name) for name in _FLOATS), *(bias for _, bias in params.logit_bias)),
+    )
+    if len(_ROWS) >= _SAMPLING_CACHE_SIZE:
+        _ROWS.clear()  # finished requests' objects: dropped all at once, rebuilt on demand
+    _ROWS[id(params)] = (params, row)
+    return row
 
 
 def encode_plan(plan: BatchPlan) -> EncodedPlan:
-    seqs = plan.seqs
-    conversions = [s.conversion for s in seqs]
-    tokens, token_offsets = _ragged([s.token_ids for s in seqs])
-    blocks, block_offsets = _ragged([s.block_table for s in seqs])
-    hidden, hidden_offsets = _ragged([c.hidden_blocks if c else [] for c in conversions])
-    kv, kv_offsets = _ragged([c.kv_blocks if c else [] for c in conversions])
-    params = [s.sampling for s in seqs]
-    stop_ids, stop_offsets = _ragged([p.stop_token_ids for p in params])
-    bias_ids, bias_offsets = _ragged([[token for token, _ in p.logit_bias] for p in params])
-    biases = [bias for p in params for _, bias in p.logit_bias]
-    return {
-        "seq_id": np.array([s.seq_id for s in seqs], dtype=np.int64),
-        "start_pos": np.array([s.start_pos for s in seqs], dtype=np.int64),
-        "cache_type": np.array([_TYPES.index(s.cache_type) for s in seqs], dtype=np.int8),
-        "tokens": tokens, "token_offsets": token_offsets,
-        "blocks": blocks, "block_offsets": block_offsets,
-        "conversion_tokens": np.array([c.num_tokens if c else -1 for c in conversions], dtype=np.int64),
-        "conversion_hidden": hidden, "conversion_hidden_offsets": hidden_offsets,
-        "conversion_kv": kv, "conversion_kv_offsets": kv_offsets,
-        **{name: np.array([getattr(p, name) for p in params], dtype=np.float64) for name in _FLOATS},
-        "top_k": np.array([p.top_k for p in params], dtype=np.int64),
-        "seed": np.array([UNSEEDED if p.seed is None else p.seed for p in params], dtype=np.int64),
-        "min_tokens": np.array([p.min_tokens for p in params], dtype=np.int64),
-        "logprobs": np.array([NO_LOGPROBS if p.logprobs is None else p.logprobs for p in params], dtype=np.int64),
-        "ignore_eos": np.array([p.ignore_eos for p in params], dtype=np.bool_),
-        "stop_token_ids": stop_ids, "stop_token_offsets": stop_offsets,
-        "logit_bias_ids": bias_ids, "logit_bias_offsets": bias_offsets,
-        "logit_bias": np.array(biases, dtype=np.float64),
-        "finished_seq_ids": np.array(plan.finished_seq_ids, dtype=np.int64),
-        "fork_of": np.array([NOT_FORKED if s.fork_of is None else s.fork_of for s in seqs], dtype=np.int64),
-        "prompt_logprobs": np.array([NO_LOGPROBS if s.prompt_logprobs is None else s.prompt_logprobs for s in seqs],
-                                    dtype=np.int64),
-        "block_copies": np.array(plan.block_copies, dtype=np.int64).reshape(-1, 2),
-    }
+    table: dict[SamplingRow, int] = {}  # each distinct sampling row, by value → its index
+    seqs: list[int] = []
+    for s in plan.seqs:
+        row = table.setdefault(_sampling_row(s.sampling), len(table))
+        c = s.conversion
+        seqs += (
+            s.seq_id, s.start_pos, _TYPE_CODES[s.cache_type], row, NOT_FORKED if s.fork_of is None else s.fork_of,
+            NO_LOGPROBS if s.prompt_logprobs is None else s.prompt_logprobs,
+            NO_CONVERSION if c is None else c.num_tokens, len(s.token_ids), len(s.block_table),
+            0 if c is None else len(c.hidden_blocks), 0 if c is None else len(c.kv_blocks),
+        )
+        seqs += s.token_ids
+        seqs += s.block_table
+        if c is not None:
+            seqs += c.hidden_blocks
+            seqs += c.kv_blocks
+    ints = [len(plan.seqs), len(table), len(plan.finished_seq_ids), len(plan.block_copies)]
+    floats: list[float] = []
+    for row_ints, row_floats in table:
+        ints += row_ints
+        floats += row_floats
+    ints += seqs
+    ints += plan.finished_seq_ids
+    for src, dst in plan.block_copies:
+        ints += (src, dst)
+    return {"ints": np.array(ints, dtype=np.int64), "floats": np.array(floats, dtype=np.float64)}
 
 
 def decode_plan(arrays: EncodedPlan) -> BatchPlan:
-    def rows(values: str, offsets: str) -> list[list[int]]:
-        v, o = arrays[values].tolist(), arrays[offsets].tolist()
-        return [v[o[i] : o[i + 1]] for i in range(len(o) - 1)]
-
-    tokens, blocks = rows("tokens", "token_offsets"), rows("blocks", "block_offsets")
-    hidden, kv = rows("conversion_hidden", "conversion_hidden_offsets"), rows("conversion_kv", "conversion_kv_offsets")
-    stop_ids, bias_ids = rows("stop_token_ids", "stop_token_offsets"), rows("logit_bias_ids", "logit_bias_offsets")
-    biases, bias_offsets = arrays["logit_bias"].tolist(), arrays["logit_bias_offsets"].tolist()
-    bias_values = [biases[bias_offsets[i] : bias_offsets[i + 1]] for i in range(len(bias_offsets) - 1)]
-    floats = list(zip(*(arrays[k].tolist() for k in _FLOATS)))
-    forks, prompt_k = arrays["fork_of"].tolist(), arrays["prompt_logprobs"].tolist()
-    seqs = []
-    for i, (seq_id, start, kind, conv_tokens, top_k, seed, min_tokens, logprobs, ignore_eos) in enumerate(
-        zip(*(arrays[k].tolist() for k in ("seq_id", "start_pos", "cache_type", "conversion_tokens", "top_k",
-                                            "seed", "min_tokens", "logprobs", "ignore_eos")))
-    ):
-        sampling = _sampling(top_k, seed, min_tokens, logprobs, ignore_eos, tuple(stop_ids[i]),
-                             tuple(zip(bias_ids[i], bias_values[i])), floats[i])
-        conversion = Conversion(hidden[i], kv[i], conv_tokens) if conv_tokens >= 0 else None
-        fork_of = None if forks[i] == NOT_FORKED else forks[i]
-        prompt_logprobs = None if prompt_k[i] == NO_LOGPROBS else prompt_k[i]
-        seqs.append(SequencePlan(seq_id, tokens[i], start, _TYPES[kind], blocks[i], sampling, conversion, fork_of,
-                                 prompt_logprobs))
-    copies = [(src, dst) for src, dst in arrays["block_copies"].tolist()]
-    return BatchPlan(seqs, arrays["finished_seq_ids"].tolist(), copies)
+    """The plan `encode_plan` encoded; ValueError if the arrays do not hold exactly one."""
+    v, f = arrays["ints"].tolist(), arrays["floats"].tolist()
+    try:
+        num_seqs, num_rows, num_finished, num_copies = v[:_COUNTS]
+        at, float_at, samplings = _COUNTS, 0, []
+        for _ in range(num_rows):
+            top_k, seed, min_tokens, logprobs, ignore_eos, num_stop, num_bias = v[at : at + _ROW_FIELDS]
+            at += _ROW_FIELDS
+            stop_ids = tuple(v[at : at + num_stop])
+            bias_ids = v[at + num_stop : at + num_stop + num_bias]
+            at += num_stop + num_bias
+            floats = tuple(f[float_at : float_at + len(_FLOATS)])
+            float_at += len(_FLOATS)
+            bias = tuple(zip(bias_ids, f[float_at : float_at + num_bias], strict=True))
+            float_at += num_bias
+            samplings.append(_sampling(top_k, seed, min_tokens, logprobs, bool(ignore_eos), stop_ids, bias, floats))
+        seqs = []
+        for _ in range(num_seqs):
+            seq_id, start, kind, row, fork_of, prompt_k, conv_tokens, n_tokens, n_blocks, n_hidden, n_kv = v[
+                at : at + _SEQ_FIELDS
+            ]
+            at += _SEQ_FIELDS
+            tokens = v[at : at + n_tokens]
+            blocks = v[at + n_tokens : at + n_tokens + n_blocks]
+            at += n_tokens + n_blocks
+            conversion = None
+            if conv_tokens != NO_CONVERSION:
+                conversion = Conversion(v[at : at + n_hidden], v[at + n_hidden : at + n_hidden + n_kv], conv_tokens)
+            at += n_hidden + n_kv
+            seqs.append(SequencePlan(
+                seq_id, tokens, start, _TYPES[kind], blocks, samplings[row], conversion,
+                None if fork_of == NOT_FORKED else fork_of, None if prompt_k == NO_LOGPROBS else prompt_k,
+            ))
+        finished = v[at : at + num_finished]
+        at += num_finished
+        copies = [(v[at + 2 * i], v[at + 2 * i + 1]) for i in range(num_copies)]
+        at += 2 * num_copies
+    except (ValueError, IndexError) as err:  # too few values for the counts they announce
+        raise ValueError(f"a malformed plan: {err}") from err
+    if at != len(v) or float_at != len(f):
+        raise ValueError(f"a malformed plan: {len(v) - at} integers and {len(f) - float_at} floats left over")
+    return BatchPlan(seqs, finished, copies)
 
 
 @functools.lru_cache(maxsize=_SAMPLING_CACHE_SIZE)
@@ -120,6 +160,14 @@ def _sampling(top_k: int, seed: int, min_tokens: int, logprobs: int, ignore_eos:
         min_tokens=min_tokens, logprobs=None if logprobs == NO_LOGPROBS else logprobs, ignore_eos=ignore_eos,
         stop_token_ids=stop_token_ids, logit_bias=logit_bias, **dict(zip(_FLOATS, floats)),
     )
+
+
+def _ragged(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated values and `len(rows) + 1` offsets."""
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    values = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(offsets[-1]))
+    return values, offsets
 
 
 def _encode_entries(prefix: str, entries: list[TokenLogprobs | None]) -> EncodedPlan:

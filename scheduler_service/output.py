@@ -50,22 +50,26 @@ def append_token(
 def request_output(request: Request, new: list[int], new_logprobs: list[TokenLogprobs] | None = None) -> RequestOutput:
     """What the caller sees of `request` now: its tokens so far and `new` (this step's), its text, and
     whether it ended (for a group of samples, only the group's last output says `finished`)."""
+    # Built for every generated token: each request field is read once.
+    ended = request.is_finished
+    outputs, params, group = request.output_token_ids, request.params, request.group
+    reason, cache_type = request.finish_reason, request.cache_type
     return RequestOutput(
-        request_id=request.request_id,
-        prompt_token_ids=request.prompt_token_ids,
-        token_ids=list(request.output_token_ids),
-        new_token_ids=new,
-        text=request.text,
-        finished=request.is_finished if request.group is None else request.group.reports_end(request),
-        finish_reason=request.finish_reason.value if request.finish_reason else None,
-        cache_type=request.cache_type.value if request.cache_type else None,
-        num_preemptions=request.num_preemptions,
+        request.request_id,
+        request.prompt_token_ids,
+        list(outputs),
+        new,
+        request.text,
+        ended if group is None else group.reports_end(request),
+        reason._value_ if reason is not None else None,  # `_value_`: `Enum.value` is a slow descriptor
+        cache_type._value_ if cache_type is not None else None,
+        request.num_preemptions,
         error=request.error,
         new_logprobs=new_logprobs,
-        logprobs=request.logprobs if request.is_finished and request.params.logprobs is not None else None,
+        logprobs=request.logprobs if ended and params.logprobs is not None else None,
         # With the first token (and the last output): what `echo` shows before the output's own.
-        prompt_logprobs=request.prompt_logprobs if request.params.prompt_logprobs is not None and (
-            len(request.output_token_ids) == 1 or request.is_finished) else None,
+        prompt_logprobs=request.prompt_logprobs if params.prompt_logprobs is not None and (
+            len(outputs) == 1 or ended) else None,
         stop_reason=request.stop_reason,
         index=request.sample_index,
     )

@@ -227,8 +227,7 @@ class Scheduler:
         if not 1 <= num_new <= request.num_new_tokens:
             raise ValueError(f"a step of {num_new} tokens for {request.request_id}, which has "
                              f"{request.num_new_tokens} to compute")
-        start = request.num_computed_tokens
-        return request.all_token_ids[start : start + num_new]
+        return request.token_ids_at(request.num_computed_tokens, num_new)
 
     def _plan(
         self, request: Request, token_ids: list[int], conversion: Conversion | None, fork_of: int | None = None

@@ -14,7 +14,9 @@ from scheduler_service.policies.base import Policy, ScheduleDecision, SchedulerV
 from scheduler_service.request import Request
 from scheduler_service.step_time import StepLoad
 
-_CODES = {None: CODE_SKIP, CacheType.KV: CODE_KV, CacheType.HIDDEN: CODE_HIDDEN}
+# The cache type of each knapsack code (CODE_SKIP has none): indexing is far cheaper than
+# `CacheType(NAMES[code])`, done for every running request every step.
+_TYPES: tuple[CacheType | None, ...] = tuple(None if name == "skip" else CacheType(name) for name in NAMES)
 # vLLM's `priority` (lower first) weighs a request's pending time by PRIORITY_BASE ** -priority: one
 # level more urgent counts each second waited twice. Clipped to ±PRIORITY_CLIP levels so that a huge
 # value cannot overflow the weight (or zero it) and make the knapsack's values meaningless.
@@ -72,7 +74,7 @@ class AptPolicy(Policy):
             reserve = converted_blocks + growth.total(running.num_tokens + view.config.growth_reserve_tokens)
             waiting_choice = waiting.choose(view, on_time, max(0, view.cache.num_free - reserve))
             codes = waiting_choice.tolist()
-            admitted = [(r, CacheType(NAMES[k])) for r, k in zip(view.waiting, codes) if k != CODE_SKIP]
+            admitted = [(r, _TYPES[k]) for r, k in zip(view.waiting, codes) if k != CODE_SKIP]
         kept, decision.decode = decision.decode, []
         decodes: list[tuple[Request, CacheType]] = []
         prompts: list[tuple[Request, CacheType]] = []
@@ -95,7 +97,7 @@ class AptPolicy(Policy):
                 decision.preempt.append(request)
                 free += len(cache.table(request.seq_id).blocks)
             else:
-                keep.append((request, CacheType(NAMES[code])))
+                keep.append((request, _TYPES[code]))
         # Growth first (every kept request keeps its current type; a prompt holds its whole length),
         # then conversions that fit.
         free -= growth.total(growth.num_tokens, codes != CODE_SKIP)
@@ -265,13 +267,16 @@ class _Candidates:
 
     @classmethod
     def of(cls, requests: Sequence[Request], view: SchedulerView) -> _Candidates:
+        # Spelled out (`num_tokens`, `pending_since()`, the codes of the cache types) for speed: this
+        # runs for every request in both queues every step, and an enum member's hash is a Python call.
+        kv, hidden = CacheType.KV, CacheType.HIDDEN
         rows = [
             (
-                r.num_tokens,
-                r.pending_since(),
-                r.ttft_slo_s if r.last_token_time is None else r.tbt_slo_s,
-                _CODES[r.cache_override],
-                _CODES[r.cache_type],
+                len(r.prompt_token_ids) + len(r.output_token_ids),
+                r.token_times[-1] if r.token_times else r.arrival_time,
+                r.tbt_slo_s if r.token_times else r.ttft_slo_s,
+                CODE_KV if r.cache_override is kv else CODE_HIDDEN if r.cache_override is hidden else CODE_SKIP,
+                CODE_KV if r.cache_type is kv else CODE_HIDDEN if r.cache_type is hidden else CODE_SKIP,
                 r.priority,
             )
             for r in requests

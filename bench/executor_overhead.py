@@ -7,17 +7,19 @@ written once under data/models/; a small model keeps compute, and so compute noi
 figures): in-process (TP=1), Ray TP=1 (one rank actor) and Ray TP=2 (two rank actors in a gloo
 group). Ray starts once, on loopback. Each round gives every engine the same greedy batch, then runs
 the decode steps interleaved, one step of each engine in turn, so the machine's noise falls on all
-three alike. It records the wall time of every decode step (`engine.step()`), and each round's model
-time on rank 0 (`timings()["model"]`, read before and after the round's decode steps: a Ray call per
-step to read it would itself disturb the next step).
+three alike. It records the wall time of every decode step (`engine.step()`) and the model time of
+each on rank 0 (the change of `timings()["model"]` across the step, read after the timed window: the
+Ray executor knows rank 0's timings from its answer, so reading them asks nothing of the ranks).
 
 Reported per setup, over every decode step of every round:
-  step          median wall time of a step
-  overhead      mean wall time minus mean model time: scheduling, plan encoding, transport, decoding
-                on the rank, waiting for the other ranks
-  dispatch      overhead minus the in-process executor's: what the Ray executor adds to a step
-  step - local  the plain difference of the median step times; for TP=2 it also holds the
-                all-reduces and the split compute, which are model time, not dispatch
+  step              median wall time of a step
+  overhead          median of each step's wall time minus its model time: scheduling, plan encoding,
+                    transport, decoding on the rank, waiting for the other ranks
+  dispatch          overhead minus the in-process executor's: what the Ray executor adds to a step
+  mean dispatch     the same with means instead of medians (a few slow steps, e.g. another process
+                    taking the core, move it; the median is what a typical step pays)
+  step - local      the plain difference of the median step times; for TP=2 it also holds the
+                    all-reduces and the split compute, which are model time, not dispatch
 Each setup also reports whether it generated exactly the in-process executor's tokens.
 
     .venv/bin/python -m bench.executor_overhead --transports
@@ -42,7 +44,7 @@ from cluster import LLM, SamplingParams
 from cluster.config import load_config
 from hybrid_cache.plan import BatchPlan, CacheType, SequencePlan
 from hybrid_cache.plan import SamplingParams as PlanSampling
-from hybrid_cache.plan_codec import decode_plan, encode_plan
+from hybrid_cache.plan_codec import decode_plan, encode_plan, encode_sampled
 from worker.step_channel import StepClient, StepServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,10 +72,10 @@ def ensure_tiny(path: Path) -> Path:
 
 @dataclass
 class Steps:
-    """One setup's decode steps: the wall seconds of each, the model seconds of all, the tokens made."""
+    """One setup's decode steps: the wall and model seconds of each, the tokens made."""
 
     wall: list[float] = field(default_factory=list)
-    model: float = 0.0
+    model: list[float] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)
 
 
@@ -91,7 +93,7 @@ def run_round(llms: dict[str, LLM], prompts: list[list[int]], output_len: int, s
     for setup, llm in llms.items():
         order[setup] = [llm.engine.add_request(prompt, params) for prompt in prompts]
         llm.engine.step()  # the prefill of the whole batch: not a decode step
-    model_before = {setup: llm.engine.executor.timings()["model"] for setup, llm in llms.items()}
+    model = {setup: llm.engine.executor.timings()["model"] for setup, llm in llms.items()}
     while any(llm.engine.has_unfinished() for llm in llms.values()):
         for setup, llm in llms.items():
             if not llm.engine.has_unfinished():
@@ -99,9 +101,10 @@ def run_round(llms: dict[str, LLM], prompts: list[list[int]], output_len: int, s
             start = time.perf_counter()
             outputs = llm.engine.step()
             steps[setup].wall.append(time.perf_counter() - start)
+            model_after = llm.engine.executor.timings()["model"]
+            steps[setup].model.append(model_after - model[setup])
+            model[setup] = model_after
             finished[setup].update({o.request_id: o.token_ids for o in outputs if o.finished})
-    for setup, llm in llms.items():
-        steps[setup].model += llm.engine.executor.timings()["model"] - model_before[setup]
     for setup in llms:
         steps[setup].tokens += [finished[setup][request_id] for request_id in order[setup]]
 
@@ -110,19 +113,23 @@ def summarize(steps: dict[str, Steps]) -> dict[str, dict[str, object]]:
     def ms(seconds: float) -> float:
         return round(seconds * 1e3, 3)
 
-    def overhead(s: Steps) -> float:
-        return (sum(s.wall) - s.model) / len(s.wall)
+    def overheads(s: Steps) -> list[float]:
+        return [wall - model for wall, model in zip(s.wall, s.model, strict=True)]
 
     local = steps[LOCAL]
+    local_median, local_mean = statistics.median(overheads(local)), statistics.mean(overheads(local))
     results = {}
     for setup, s in steps.items():
+        overhead, mean_overhead = statistics.median(overheads(s)), statistics.mean(overheads(s))
         results[setup] = {
             "steps": len(s.wall),
             "step_ms": ms(statistics.median(s.wall)),
             "mean_step_ms": ms(statistics.mean(s.wall)),
-            "model_ms": ms(s.model / len(s.wall)),
-            "overhead_ms": ms(overhead(s)),
-            "dispatch_ms": ms(overhead(s) - overhead(local)),
+            "model_ms": ms(statistics.median(s.model)),
+            "overhead_ms": ms(overhead),
+            "dispatch_ms": ms(overhead - local_median),
+            "mean_overhead_ms": ms(mean_overhead),
+            "mean_dispatch_ms": ms(mean_overhead - local_mean),
             "step_minus_local_ms": ms(statistics.median(s.wall) - statistics.median(local.wall)),
             "same_tokens_as_local": s.tokens == local.tokens,
         }
@@ -130,12 +137,13 @@ def summarize(steps: dict[str, Steps]) -> dict[str, dict[str, object]]:
 
 
 def table(results: dict[str, dict[str, object]]) -> str:
-    lines = ["| setup | steps | median step | mean model | overhead | dispatch | step - local | same tokens |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| setup | steps | median step | median model | overhead | dispatch | mean dispatch | step - local "
+             "| same tokens |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for setup, r in results.items():
         lines.append(f"| {setup} | {r['steps']} | {r['step_ms']:.2f} ms | {r['model_ms']:.2f} ms | "
-                     f"{r['overhead_ms']:.2f} ms | {r['dispatch_ms']:.2f} ms | {r['step_minus_local_ms']:.2f} ms | "
-                     f"{'yes' if r['same_tokens_as_local'] else 'NO'} |")
+                     f"{r['overhead_ms']:.2f} ms | {r['dispatch_ms']:.2f} ms | {r['mean_dispatch_ms']:.2f} ms | "
+                     f"{r['step_minus_local_ms']:.2f} ms | {'yes' if r['same_tokens_as_local'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -145,9 +153,9 @@ class EchoRank:
     def __init__(self, rank: int) -> None:
         self.rank, self.server = rank, None
 
-    def execute(self, plan: dict) -> list[int]:
+    def execute(self, plan: dict) -> dict:
         seq_ids = [s.seq_id for s in decode_plan(plan).seqs]
-        return seq_ids if self.rank == 0 else []
+        return encode_sampled(seq_ids if self.rank == 0 else [])
 
     def open_step_channel(self, token: str) -> tuple[str, int]:
         self.server = StepServer("127.0.0.1", token, self.execute, hello_timeout_s=60)

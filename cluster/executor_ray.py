@@ -4,7 +4,7 @@ Ray creates, places and kills the ranks; the steps themselves travel over the st
 (`worker.step_channel`): one TCP connection per rank, to the rank's node address (127.0.0.1 on a
 local Ray), opened when the group starts and authenticated with a token that only this executor and
 its ranks know. Each step the encoded plan is written once to every rank and rank 0's answer carries
-the sampled tokens: about 0.1 ms of transport where a Ray call per rank cost several
+the sampled tokens and its timings: about 0.1 ms of transport where a Ray call per rank cost several
 (docs/ARCHITECTURE.md, "Step dispatch").
 If a rank dies (its connection closes), fails the step or does not answer within the step timeout,
 the group is torn down and rebuilt (every rank reloads its shard) and the step raises ExecutorFailed,
@@ -29,7 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from hybrid_cache.config import CacheConfig
 from hybrid_cache.info import WorkerInfo
 from hybrid_cache.plan import BatchPlan
-from hybrid_cache.plan_codec import decode_sampled, encode_plan
+from hybrid_cache.plan_codec import decode_sampled, decode_timings, encode_plan
 from scheduler_service.executor import ExecutorFailed
 from worker.config import ModelConfig
 from worker.rank_worker import RankWorker
@@ -62,6 +62,7 @@ class RayExecutor:
         self.workers: list = []
         self.group = None
         self.channel: StepClient | None = None
+        self._timings: dict[str, float] | None = None  # rank 0's, from its last answer
         try:
             self._create_group()
         except BaseException:
@@ -147,9 +148,14 @@ class RayExecutor:
             self.rebuild()
             log.error("rebuilt the worker group in %.1f s after: %s", time.monotonic() - started, err)
             raise ExecutorFailed(str(err)) from err
+        self._timings = decode_timings(answers[0])
         return decode_sampled(answers[0])
 
     def timings(self) -> dict[str, float]:
+        """Rank 0's cumulative timings: those its last answer carried (no call, so reading them after
+        every step disturbs nothing), or, before this group's first step, asked of the rank."""
+        if self._timings is not None:
+            return dict(self._timings)
         return ray.get(self.workers[0].timings.remote(), timeout=self.step_timeout_s)
 
     def shutdown(self) -> None:

@@ -223,3 +223,16 @@ def decode_sampled(arrays: EncodedPlan) -> SampledTokens:
             prompt.append(None if length < 0 else flat[at : at + length])
             at += max(length, 0)
     return SampledTokens(tokens, logprobs, prompt)
+
+
+_TIMING = "timing."  # prefix of the arrays that carry a rank's timings in its answer
+
+
+def encode_timings(totals: dict[str, float]) -> EncodedPlan:
+    """A rank's cumulative timings (`ModelRunner.timings`) as one-value arrays, to ride along with its
+    answer: the executor then knows them after every step without asking the rank."""
+    return {_TIMING + name: np.array([seconds], dtype=np.float64) for name, seconds in totals.items()}
+
+
+def decode_timings(arrays: EncodedPlan) -> dict[str, float]:
+    return {name[len(_TIMING) :]: float(a[0]) for name, a in arrays.items() if name.startswith(_TIMING)}

@@ -6,16 +6,26 @@ The Ray executor over this channel is tested in tests/test_tensor_parallel.py.
 
 from __future__ import annotations
 
-import json
 import socket
+import struct
 import threading
 
 import numpy as np
 import pytest
 
 from hybrid_cache.plan import BatchPlan, CacheType, Conversion, SamplingParams, SequencePlan
-from hybrid_cache.plan_codec import decode_plan, encode_plan
-from worker.step_channel import _PREFIX, StepChannelError, StepClient, StepServer, _frame, _read_message
+from hybrid_cache.plan_codec import decode_plan, encode_plan, encode_sampled
+from worker.step_channel import (
+    _ARRAY,
+    _HEAD,
+    _PREFIX,
+    _RECV_BYTES,
+    StepChannelError,
+    StepClient,
+    StepServer,
+    _frame,
+    _read_message,
+)
 
 TOKEN = "executor-secret"
 HELLO_TIMEOUT_S = 5.0
@@ -42,14 +52,14 @@ class Rank:
         self.rank, self.fail, self.hang, self.plans = rank, fail, hang, []
         self.server = StepServer("127.0.0.1", TOKEN, self.handle, HELLO_TIMEOUT_S)
 
-    def handle(self, arrays: dict[str, np.ndarray]) -> list[int]:
+    def handle(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         plan = decode_plan(arrays)
         self.plans.append(plan)
         if self.hang is not None and plan.seqs:
             self.hang.wait()
         if self.fail is not None:
             raise self.fail
-        return [s.seq_id * 10 + self.rank for s in plan.seqs]
+        return encode_sampled([s.seq_id * 10 + self.rank for s in plan.seqs])
 
 
 @pytest.fixture
@@ -143,20 +153,39 @@ def test_a_silent_rank_fails_the_step_after_the_timeout(ranks: list[Rank]) -> No
         client.close()
 
 
-def _raw(header: dict, body: bytes = b"") -> bytes:
-    encoded = json.dumps(header).encode()
-    return _PREFIX.pack(len(encoded) + len(body), len(encoded)) + encoded + body
+PLAN_KIND = 2
+
+
+def _raw(arrays: list[tuple[bytes, bytes, tuple[int, ...]]], body: bytes = b"", kind: int = PLAN_KIND) -> bytes:
+    """A hand-made message: (name, dtype, shape) per array, then `body` as their bytes."""
+    header = _HEAD.pack(kind, 0, len(arrays)) + b"".join(
+        _ARRAY.pack(len(name), len(dtype), len(shape)) + name + dtype + struct.pack(f"<{len(shape)}Q", *shape)
+        for name, dtype, shape in arrays
+    )
+    return _with_prefix(header, body)
+
+
+def _with_prefix(header: bytes, body: bytes = b"") -> bytes:
+    return _PREFIX.pack(len(header) + len(body), len(header)) + header + body
 
 
 @pytest.mark.parametrize(
     ("message", "error"),
     [
-        (_raw({"kind": "plan", "text": "", "arrays": [["x", "|O", [2]]]}, b"\0" * 16), "only numeric arrays travel"),
-        (_raw({"kind": "plan", "text": "", "arrays": [["x", "<i8", [4]]]}, b"\0" * 8), "runs past the end"),
+        (_raw([(b"x", b"|O", (2,))], b"\0" * 16), "only numeric arrays travel"),
+        (_raw([(b"x", b"|V8", (2,))], b"\0" * 16), "only numeric arrays travel"),
+        (_raw([(b"x", b"no such", (2,))], b"\0" * 16), "no numeric dtype"),
+        (_raw([(b"x", b"<i8", (4,))], b"\0" * 8), "runs past the end"),
         (_PREFIX.pack(1 << 40, 8), "is not a step message"),
-        (_raw({"kind": "plan", "text": ""}), "malformed"),
+        (_with_prefix(_HEAD.pack(PLAN_KIND, 0, 0) + b"\0" * 3), "malformed"),
+        (_with_prefix(_HEAD.pack(PLAN_KIND, 0, 1)), "malformed"),
+        (_with_prefix(b"\0" * 3), "malformed"),
+        (_with_prefix(_HEAD.pack(PLAN_KIND, 1, 0) + b"\xff"), "malformed"),
+        (_raw([], kind=200), "malformed"),
+        (_raw([(b"x", b"<i8", (1,))], b"\0" * 8) * 2, "more than one message"),
     ],
-    ids=["objects", "truncated", "oversized", "no-arrays"],
+    ids=["objects", "void", "unknown-dtype", "truncated", "oversized", "header-longer", "array-missing", "no-head",
+         "text-not-utf8", "kind", "two-at-once"],
 )
 def test_only_well_formed_numeric_arrays_are_read(message: bytes, error: str) -> None:
     left, right = socket.socketpair()
@@ -175,3 +204,20 @@ def test_arrays_keep_their_dtype_and_shape() -> None:
     assert (kind, text) == ("plan", "x")
     for name, array in arrays.items():
         assert got[name].dtype == array.dtype and np.array_equal(got[name], array)
+
+
+def test_a_message_longer_than_one_read_arrives_whole() -> None:
+    """A long prefill's plan takes several reads; a message split anywhere, even in its prefix, is read whole."""
+    left, right = socket.socketpair()
+    arrays = {"ints": np.arange(3 * _RECV_BYTES // 8, dtype=np.int64)}
+    frame = _frame("plan", arrays)
+    received: list[tuple[str, str, dict[str, np.ndarray]]] = []
+    with left, right:
+        reader = threading.Thread(target=lambda: received.append(_read_message(right)))
+        reader.start()
+        left.sendall(frame[:5])  # part of the prefix first
+        threading.Event().wait(0.05)
+        left.sendall(frame[5:])
+        reader.join(timeout=30)
+    assert received and received[0][0] == "plan"
+    assert np.array_equal(received[0][2]["ints"], arrays["ints"])

@@ -3,7 +3,7 @@
 Plain Python: `cluster.executor_ray` hosts it in a Ray actor (one per rank); tests can run it in any
 process. Every rank receives the same encoded plan each step, over its step channel
 (`worker.step_channel`, served on a thread of this process) or through `execute`; rank 0's answer
-carries the tokens.
+carries the tokens, and every answer the rank's timings after the step.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from hybrid_cache.config import CacheConfig
 from hybrid_cache.info import WorkerInfo
 from hybrid_cache.plan import CacheType
-from hybrid_cache.plan_codec import EncodedPlan, decode_plan
+from hybrid_cache.plan_codec import EncodedPlan, decode_plan, encode_sampled, encode_timings
 from worker.config import ModelConfig
 from worker.model_runner import ModelRunner
 from worker.parallel import destroy_tensor_parallel, init_tensor_parallel
@@ -40,12 +40,16 @@ class RankWorker:
     def execute(self, plan: EncodedPlan) -> list[int]:
         return self.runner.execute(decode_plan(plan)).token_ids
 
+    def answer(self, plan: EncodedPlan) -> EncodedPlan:
+        """A step over the step channel: its tokens (and logprobs when asked), and the timings after it."""
+        return encode_sampled(self.execute(plan)) | encode_timings(self.runner.timings())
+
     def open_step_channel(self, host: str, token: str, hello_timeout_s: float) -> tuple[str, int]:
         """Listen on `host` (this rank's node address) for the executor, which must present `token`;
-        from then on each plan it sends runs as `execute`. Returns the address to connect to."""
+        from then on each plan it sends runs as `answer`. Returns the address to connect to."""
         if self.channel is not None:
             self.channel.close()
-        self.channel = StepServer(host, token, self.execute, hello_timeout_s)
+        self.channel = StepServer(host, token, self.answer, hello_timeout_s)
         return self.channel.address
 
     def timings(self) -> dict[str, float]:

@@ -1,14 +1,18 @@
 """The step channel: one TCP connection from the executor to each tensor-parallel rank, carrying each
-step's encoded plan in and the sampled tokens out.
+step's encoded plan in and the rank's answer (sampled tokens, timings) out.
 
 Why not a Ray call per step: a call to each rank plus `ray.put`/`ray.wait` costs several milliseconds
 on a busy CPU host, where a loopback round trip of a few kilobytes costs about 0.1 ms
 (docs/ARCHITECTURE.md, "Step dispatch"; measured in docs/BENCHMARKS.md). Ray still creates, places,
 watches and kills the ranks; the channel only moves steps.
 
-Wire format, both ways: a 12-byte prefix (payload length, header length), a JSON header (the message
-kind, a text, and each array's name, dtype and shape), then the arrays' raw bytes. No pickle: what a
-peer can send is at most a few numeric arrays, and only after it presented the executor's token.
+Wire format, both ways: a 12-byte prefix (payload length, header length), a binary header (the
+message kind, a text, and each array's name, dtype and shape: `_HEAD`, then `_ARRAY` and the dims per
+array), then the arrays' raw bytes. A binary header, not JSON: it is built and read with a few
+`struct` calls, and a step's latency is mostly such per-message Python work. No pickle: what a peer
+can send is at most a few numeric arrays, and only after it presented the executor's token. The two
+ends take turns (a plan, then its answer), so a message is read with one `recv` when it fits
+`_RECV_BYTES`, and anything after it in the same read is a broken peer.
 Failure is loud and prompt: a rank whose process ends closes its socket, which the executor reads at
 once as `StepChannelError`; a rank that stops answering is given up after the step timeout.
 """
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import hmac
-import json
 import logging
 import math
 import selectors
@@ -29,16 +32,21 @@ from collections.abc import Callable
 
 import numpy as np
 
-from hybrid_cache.plan_codec import encode_sampled
-
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 _PREFIX = struct.Struct("<QI")  # payload bytes (header included), header bytes
+_HEAD = struct.Struct("<BIH")  # kind, text bytes, number of arrays
+_ARRAY = struct.Struct("<BBB")  # name bytes, dtype bytes, dimensions; then the name, dtype and each dim (<Q)
+_DIM = 8  # bytes per dimension
 # A step's plan is a few integers per token and block; anything near this size is not one of ours.
 MAX_FRAME_BYTES = 1 << 30
+# One read's worth: a decode plan of a few hundred sequences fits; a longer prefill takes more reads.
+_RECV_BYTES = 1 << 16
 _NUMERIC_KINDS = frozenset("biuf")  # bool, signed, unsigned, float: nothing that holds Python objects
 _HELLO, _READY, _PLAN, _TOKENS, _ERROR = "hello", "ready", "plan", "tokens", "error"
+_KINDS = (_HELLO, _READY, _PLAN, _TOKENS, _ERROR)  # on the wire as their index
+_KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
 
 
 class StepChannelError(RuntimeError):
@@ -46,61 +54,98 @@ class StepChannelError(RuntimeError):
 
 
 def _frame(kind: str, arrays: Arrays | None = None, text: str = "") -> bytes:
-    arrays = {name: np.ascontiguousarray(a) for name, a in (arrays or {}).items()}
-    header = json.dumps(
-        {"kind": kind, "text": text, "arrays": [[n, a.dtype.str, a.shape] for n, a in arrays.items()]},
-        separators=(",", ":"),
-    ).encode()
-    body = [a.tobytes() for a in arrays.values()]
-    size = len(header) + sum(len(b) for b in body)
+    encoded_text = text.encode()
+    arrays = arrays or {}
+    head, body = [_HEAD.pack(_KIND_CODES[kind], len(encoded_text), len(arrays)), encoded_text], []
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        encoded_name, dtype = name.encode(), array.dtype.str.encode()
+        head += (_ARRAY.pack(len(encoded_name), len(dtype), array.ndim), encoded_name, dtype,
+                 struct.pack(f"<{array.ndim}Q", *array.shape))
+        body.append(array.data)  # joined below without an intermediate copy
+    header = b"".join(head)
+    size = len(header) + sum(b.nbytes for b in body)
     if size > MAX_FRAME_BYTES:
         raise ValueError(f"a {kind} message of {size} bytes is over the channel's limit of {MAX_FRAME_BYTES}")
     return b"".join([_PREFIX.pack(size, len(header)), header, *body])
 
 
-def _read_exactly(sock: socket.socket, size: int) -> bytearray:
-    buffer = bytearray(size)
-    view, got = memoryview(buffer), 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise EOFError("the peer closed the connection")
-        got += n
-    return buffer
+def _receive(sock: socket.socket) -> bytes:
+    data = sock.recv(_RECV_BYTES)
+    if not data:
+        raise EOFError("the peer closed the connection")
+    return data
 
 
 def _read_message(sock: socket.socket) -> tuple[str, str, Arrays]:
     """One message: (kind, text, arrays). Raises EOFError on a closed connection, ValueError on garbage."""
-    size, header_size = _PREFIX.unpack(_read_exactly(sock, _PREFIX.size))
+    data = _receive(sock)
+    while len(data) < _PREFIX.size:  # a prefix split across reads: rare
+        data += _receive(sock)
+    size, header_size = _PREFIX.unpack_from(data)
     if size > MAX_FRAME_BYTES or header_size > size:
         raise ValueError(f"a message of {size} bytes (header {header_size}) is not a step message")
-    payload = _read_exactly(sock, size)
-    try:
-        return _parse(payload, header_size)
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
-        raise ValueError(f"a malformed step message: {err!r}") from err
+    end = _PREFIX.size + size
+    if len(data) > end:
+        raise ValueError("more than one message arrived at once: the peer does not take turns")
+    if len(data) == end:  # the usual case: the whole message in one read
+        payload = memoryview(data)[_PREFIX.size :]
+    else:
+        buffer = bytearray(size)
+        buffer[: len(data) - _PREFIX.size] = memoryview(data)[_PREFIX.size :]
+        _read_into(sock, memoryview(buffer)[len(data) - _PREFIX.size :])
+        payload = memoryview(buffer)
+    return _parse(payload, header_size)
 
 
-def _parse(payload: bytearray, header_size: int) -> tuple[str, str, Arrays]:
+def _read_into(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise EOFError("the peer closed the connection")
+        got += n
+
+
+def _parse(payload: memoryview, header_size: int) -> tuple[str, str, Arrays]:
     size = len(payload)
-    header = json.loads(bytes(payload[:header_size]))
+    try:
+        kind_code, text_size, count = _HEAD.unpack_from(payload)
+        at = _HEAD.size
+        text = str(payload[at : at + text_size], "utf-8")
+        at += text_size
+        specs = []
+        for _ in range(count):
+            name_size, dtype_size, ndim = _ARRAY.unpack_from(payload, at)
+            at += _ARRAY.size
+            name = str(payload[at : at + name_size], "utf-8")
+            dtype = _dtype(bytes(payload[at + name_size : at + name_size + dtype_size]))
+            at += name_size + dtype_size
+            specs.append((name, dtype, struct.unpack_from(f"<{ndim}Q", payload, at)))
+            at += ndim * _DIM
+    except (struct.error, UnicodeDecodeError) as err:
+        raise ValueError(f"a malformed step message: {err!r}") from err
+    if at != header_size or kind_code >= len(_KINDS):
+        raise ValueError(f"a malformed step message: header of {at} bytes, announced {header_size}, kind {kind_code}")
     arrays, offset = {}, header_size
-    for name, dtype_str, shape in header["arrays"]:
-        dtype = _dtype(dtype_str)
+    for name, dtype, shape in specs:
         count = math.prod(shape)  # (not np.prod: this runs per array per step, and numpy's costs microseconds)
-        if count < 0 or offset + count * dtype.itemsize > size:
+        if offset + count * dtype.itemsize > size:
             raise ValueError(f"array {name!r} runs past the end of its message")
         array = np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
         arrays[name] = array if len(shape) == 1 else array.reshape(shape)
         offset += count * dtype.itemsize
-    return str(header["kind"]), str(header["text"]), arrays
+    return _KINDS[kind_code], text, arrays
 
 
 @functools.lru_cache(maxsize=64)
-def _dtype(name: str) -> np.dtype:
-    dtype = np.dtype(name)
+def _dtype(name: bytes) -> np.dtype:
+    try:
+        dtype = np.dtype(name.decode("ascii"))
+    except (TypeError, UnicodeDecodeError) as err:
+        raise ValueError(f"an array has no numeric dtype: {name!r}") from err
     if dtype.kind not in _NUMERIC_KINDS:
-        raise ValueError(f"an array has dtype {name}: only numeric arrays travel")
+        raise ValueError(f"an array has dtype {dtype.str}: only numeric arrays travel")
     return dtype
 
 
@@ -108,13 +153,13 @@ class StepServer:
     """A rank's end: accepts the executor's connection (the first that presents `token`) and runs
     `handler` on each plan, in a background thread, until the executor closes the connection.
 
-    `handler` returns the step's token ids; an exception it raises goes back to the executor as an
-    error message (type and first line), and the server keeps serving.
+    `handler` returns the step's answer (`plan_codec.encode_sampled`, and whatever else the rank
+    reports); an exception it raises goes back to the executor as an error message (type and first
+    line), and the server keeps serving. The thread that reads a plan runs it and writes the answer:
+    no hand-over between threads on the way.
     """
 
-    def __init__(
-        self, host: str, token: str, handler: Callable[[Arrays], list[int]], hello_timeout_s: float
-    ) -> None:
+    def __init__(self, host: str, token: str, handler: Callable[[Arrays], Arrays], hello_timeout_s: float) -> None:
         self._token, self._handler, self._hello_timeout_s = token.encode(), handler, hello_timeout_s
         self._listener = socket.create_server((host, 0))
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
@@ -162,12 +207,12 @@ class StepServer:
         if kind != _PLAN:
             return _frame(_ERROR, text=f"expected a plan, got a {kind!r} message")
         try:
-            tokens = self._handler(arrays)
+            answer = self._handler(arrays)
         except Exception as err:  # noqa: BLE001 - every failure goes back to the executor
             log.exception("the step failed on this rank")
             first_line = (str(err).splitlines() or [""])[0]
             return _frame(_ERROR, text=f"{type(err).__name__}: {first_line}")
-        return _frame(_TOKENS, encode_sampled(tokens))  # the tokens, and their logprobs when asked
+        return _frame(_TOKENS, answer)
 
     def close(self) -> None:
         """Stop accepting and serving (the executor sees its connection close)."""
@@ -222,15 +267,16 @@ class StepClient:
                 raise StepChannelError(f"rank(s) {late} did not answer within {self.timeout_s} s")
             for key, _ in ready:
                 rank: int = key.data
-                answers[rank] = self._receive(rank, max(remaining, 0.001))
+                answers[rank] = self._receive(rank)
                 pending -= 1
         return answers  # type: ignore[return-value] - all filled
 
-    def _receive(self, rank: int, timeout_s: float) -> Arrays:
-        sock = self._socks[rank]
-        sock.settimeout(timeout_s)
+    def _receive(self, rank: int) -> Arrays:
+        """Rank `rank`'s answer, which has begun to arrive. The socket keeps the step timeout set at
+        connection (setting it per read costs system calls every step): a rank that stops halfway
+        through an answer is given up after at most that long again."""
         try:
-            kind, text, arrays = _read_message(sock)
+            kind, text, arrays = _read_message(self._socks[rank])
         except EOFError as err:
             raise StepChannelError(f"rank {rank} closed its step channel: its process ended") from err
         except (OSError, ValueError) as err:

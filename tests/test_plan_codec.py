@@ -1,6 +1,7 @@
 """The plan codec (hybrid_cache/plan_codec.py): every field a rank reads survives a round trip, a
 step's sampling settings travel once per distinct value, the per-object row cache cannot hand one
-request another's settings, and arrays that do not hold exactly one plan are refused."""
+request another's settings, arrays that do not hold exactly one plan are refused, and a rank's timings
+ride along with its answer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from hybrid_cache.plan import BatchPlan, CacheType, Conversion, SamplingParams, SequencePlan
-from hybrid_cache.plan_codec import decode_plan, encode_plan
+from hybrid_cache.plan_codec import decode_plan, decode_timings, encode_plan, encode_timings
 
 GREEDY = SamplingParams(temperature=0.0)
 RICH = SamplingParams(
@@ -97,3 +98,14 @@ def test_a_new_object_is_never_given_a_cached_row_of_another() -> None:
 def test_arrays_that_hold_no_whole_plan_are_refused(damage) -> None:  # noqa: ANN001 - a lambda
     with pytest.raises(ValueError, match="malformed plan"):
         decode_plan(damage(encode_plan(rich_plan())))
+
+
+def test_a_ranks_timings_ride_along_and_come_back() -> None:
+    totals = {"model": 1.25, "attention": 0.5, "recompute": 2.0**-40}
+    arrays = encode_timings(totals)
+    assert len(arrays) == 2  # names and seconds, however many timers there are
+    assert decode_timings(arrays) == totals
+    assert decode_timings(encode_timings({})) == {}
+    assert decode_timings({"tokens": np.zeros(2, np.int64)}) == {}  # an answer without timings
+    with pytest.raises(ValueError, match="comma"):
+        encode_timings({"a,b": 1.0})

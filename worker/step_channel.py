@@ -61,7 +61,7 @@ def _frame(kind: str, arrays: Arrays | None = None, text: str = "") -> bytes:
         array = np.ascontiguousarray(array)
         encoded_name, dtype = name.encode(), array.dtype.str.encode()
         head += (_ARRAY.pack(len(encoded_name), len(dtype), array.ndim), encoded_name, dtype,
-                 struct.pack(f"<{array.ndim}Q", *array.shape))
+                 _dims(array.ndim).pack(*array.shape))
         body.append(array.data)  # joined below without an intermediate copy
     header = b"".join(head)
     size = len(header) + sum(b.nbytes for b in body)
@@ -108,20 +108,20 @@ def _read_into(sock: socket.socket, view: memoryview) -> None:
 
 
 def _parse(payload: memoryview, header_size: int) -> tuple[str, str, Arrays]:
-    size = len(payload)
+    size, header = len(payload), bytes(payload[:header_size])  # (slicing bytes is cheaper than a view)
     try:
-        kind_code, text_size, count = _HEAD.unpack_from(payload)
+        kind_code, text_size, count = _HEAD.unpack_from(header)
         at = _HEAD.size
-        text = str(payload[at : at + text_size], "utf-8")
+        text = header[at : at + text_size].decode()
         at += text_size
         specs = []
         for _ in range(count):
-            name_size, dtype_size, ndim = _ARRAY.unpack_from(payload, at)
+            name_size, dtype_size, ndim = _ARRAY.unpack_from(header, at)
             at += _ARRAY.size
-            name = str(payload[at : at + name_size], "utf-8")
-            dtype = _dtype(bytes(payload[at + name_size : at + name_size + dtype_size]))
+            name = header[at : at + name_size].decode()
+            dtype = _dtype(header[at + name_size : at + name_size + dtype_size])
             at += name_size + dtype_size
-            specs.append((name, dtype, struct.unpack_from(f"<{ndim}Q", payload, at)))
+            specs.append((name, dtype, _dims(ndim).unpack_from(header, at)))
             at += ndim * _DIM
     except (struct.error, UnicodeDecodeError) as err:
         raise ValueError(f"a malformed step message: {err!r}") from err
@@ -136,6 +136,11 @@ def _parse(payload: memoryview, header_size: int) -> tuple[str, str, Arrays]:
         arrays[name] = array if len(shape) == 1 else array.reshape(shape)
         offset += count * dtype.itemsize
     return _KINDS[kind_code], text, arrays
+
+
+@functools.lru_cache(maxsize=256)
+def _dims(ndim: int) -> struct.Struct:
+    return struct.Struct(f"<{ndim}Q")
 
 
 @functools.lru_cache(maxsize=64)

@@ -74,9 +74,9 @@ def time_split(metrics: dict[str, float], records: list[RequestRecord]) -> dict[
     client's records of the same requests.
 
     `serving_overhead_ms` is the client's mean end-to-end latency of finished requests minus the
-    engine's: HTTP, the Serve proxy and routing, streaming and detokenizing (for either system).
-    Ours add the engine's seconds by part; `executor_overhead_s` is the executor call's time outside
-    rank 0's model step (Ray's plan transfer and result return).
+    engine's: HTTP (and Serve's proxy, with `server.ingress: proxy`), routing, streaming and
+    detokenizing (for either system). Ours add the engine's seconds by part; `executor_overhead_s` is
+    the executor call's time outside rank 0's model step (Ray's plan transfer and result return).
     """
     split: dict[str, float] = {}
     client = [r.token_times[-1] - r.arrival for r in records if r.finished and r.token_times]

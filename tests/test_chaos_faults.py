@@ -54,8 +54,9 @@ def test_grpc_request_past_its_deadline_is_aborted(tiny_opt_with_tokenizer: Path
 
 def test_a_grpc_call_cancelled_by_its_client_aborts_its_request(tiny_opt_with_tokenizer: Path) -> None:
     """What Serve does when a gRPC client cancels (`call.cancel()`): it cancels the task iterating
-    `Generate`. (Ray Serve's proxy misses the cancel when it comes while the proxy writes to the
-    client, see docs/RELIABILITY.md; the request then ends at max_tokens or at the request timeout.)"""
+    `Generate`. (Behind Serve's proxy, `server.ingress: proxy`, the cancel is missed when it comes while
+    the proxy writes to the client, see docs/RELIABILITY.md; the request then ends at max_tokens or at
+    the request timeout.)"""
     with running_server(tiny_opt_with_tokenizer) as (_, engine):
         servicer = GrpcServicer(frontend_for(engine, tiny_opt_with_tokenizer))
 

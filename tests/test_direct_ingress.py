@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from test_http_server import wait_idle
 
 from cluster.config import load_config
 from cluster.direct_ingress import DirectIngress, listening_socket
@@ -39,14 +40,19 @@ def port_taken(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def frontend(tiny_opt_with_tokenizer: Path) -> Iterator[Frontend]:
+def engine_and_frontend(tiny_opt_with_tokenizer: Path) -> Iterator[tuple[object, Frontend]]:
     config = load_config(overrides={"model.path": str(tiny_opt_with_tokenizer), "cache.block_size": 4,
                                     "cache.num_blocks": 128, "server.served_model_name": MODEL})
     engine, tokenizer, name = build_async_engine(config)
     try:
-        yield Frontend(LocalGateway(engine), tokenizer, name, 60, api_key=KEY)
+        yield engine, Frontend(LocalGateway(engine), tokenizer, name, 60, api_key=KEY)
     finally:
         engine.shutdown()
+
+
+@pytest.fixture
+def frontend(engine_and_frontend: tuple[object, Frontend]) -> Frontend:
+    return engine_and_frontend[1]
 
 
 def start(frontend: Frontend, http_port: int, grpc_port: int, share: bool = False) -> DirectIngress:
@@ -90,6 +96,26 @@ def test_http_and_grpc_answer_alike_and_errors_keep_their_status(frontend: Front
         ingress.stop()
     assert not ingress.alive()
     assert not port_taken(http_port) and not port_taken(grpc_port)
+
+
+def test_a_grpc_client_that_cancels_aborts_its_request(engine_and_frontend: tuple[object, Frontend]) -> None:
+    """Unlike Serve's proxy (docs/RELIABILITY.md, "Known limits"), `grpc.aio` cancels the handler
+    whenever the client cancels, so the request is aborted and its blocks freed at once."""
+    engine, frontend = engine_and_frontend
+    ingress = start(frontend, free_port(), free_port())
+    aborted_before = engine.stats().metrics.request_success.get("abort", 0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ingress.grpc_port}") as channel:
+            call = pb_grpc.AptServeStub(channel).Generate(
+                pb.GenerateRequest(model=MODEL, prompt="x", max_tokens=480, ignore_eos=True),
+                metadata=(("authorization", f"Bearer {KEY}"),))
+            next(call)
+            call.cancel()
+        wait_idle(engine)
+    finally:
+        ingress.stop()
+    metrics = engine.stats().metrics
+    assert metrics.request_success.get("abort", 0) == aborted_before + 1
 
 
 def test_a_taken_port_fails_the_start_and_leaves_nothing_listening(frontend: Frontend) -> None:

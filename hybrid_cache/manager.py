@@ -66,6 +66,7 @@ class CacheManager:
         self._tables: dict[int, BlockTable] = {}
         self._released_after_step: list[tuple[int, list[int]]] = []
         self._pending_copies: dict[int, BlockCopy] = {}  # by the seq_id that holds `src` until it runs
+        self._kv_per_block = layout.block_size  # read for every running request every step
 
     # -- queries -------------------------------------------------------------------------------
     @property
@@ -76,8 +77,15 @@ class CacheManager:
     def num_blocks(self) -> int:
         return self.pool.num_blocks
 
+    def tokens_per_block(self, cache_type: CacheType) -> int:
+        """`layout.tokens_per_block`, without a call for KV (the scheduler asks for every running
+        request every step)."""
+        return self._kv_per_block if cache_type is CacheType.KV else self.layout.tokens_per_block(cache_type)
+
     def blocks_needed(self, num_tokens: int, cache_type: CacheType) -> int:
-        return self.layout.blocks_needed(num_tokens, cache_type)
+        # `-(-n // k)`: the ceiling of n / k in integers, as `layout.blocks_needed` computes it in floats.
+        per_block = self._kv_per_block if cache_type is CacheType.KV else self.layout.tokens_per_block(cache_type)
+        return -(-num_tokens // per_block)
 
     def table(self, seq_id: int) -> BlockTable | None:
         return self._tables.get(seq_id)
@@ -85,7 +93,9 @@ class CacheManager:
     def blocks_to_hold(self, seq_id: int, num_tokens: int) -> int:
         """Extra blocks `seq_id` needs so that it can hold `num_tokens` tokens."""
         table = self._tables[seq_id]
-        return max(0, self.blocks_needed(num_tokens, table.cache_type) - len(table.block_ids))
+        cache_type = table.cache_type
+        per_block = self._kv_per_block if cache_type is CacheType.KV else self.layout.tokens_per_block(cache_type)
+        return max(0, -(-num_tokens // per_block) - len(table.block_ids))
 
     # -- changes -------------------------------------------------------------------------------
     def allocate(self, seq_id: int, num_tokens: int, cache_type: CacheType) -> BlockTable:

@@ -71,6 +71,9 @@ def choose_codes(
     chosen = np.zeros(n, dtype=np.int8)
     if n == 0 or capacity <= 0:
         return chosen
+    if _all_kv_fit(value_kv, blocks_kv, value_hidden, capacity):
+        chosen[:] = CODE_KV
+        return chosen
     # 1. Clean.
     kv_fits = (value_kv > 0) & (blocks_kv <= capacity)
     # NaN > 0 is False: a request without the hidden choice never takes it.
@@ -110,6 +113,14 @@ def choose_codes(
         chosen[:] = CODE_SKIP
         chosen[best_index] = best_code
     return chosen
+
+
+def _all_kv_fit(value_kv: np.ndarray, blocks_kv: np.ndarray, value_hidden: np.ndarray, capacity: int) -> bool:
+    """The common case of the running requests, decided without the steps below: no request has a
+    hidden choice worth anything, every KV value is positive and all KV choices fit together. Then
+    every request is a KV step, the fill takes them all, and their sum (of positive values, in any
+    order) is at least the best single value: every request gets KV, whatever the densities."""
+    return bool(not (value_hidden > 0).any() and (value_kv > 0).all() and int(blocks_kv.sum()) <= capacity)
 
 
 def _fill(chosen: np.ndarray, request: np.ndarray, kind: np.ndarray, blocks: np.ndarray, gain: np.ndarray,

@@ -67,7 +67,13 @@ def meets_slo(request: Request) -> bool:
     if not times or times[0] - request.arrival_time > request.ttft_slo_s:
         return False
     gaps = np.diff(times)
-    return len(gaps) == 0 or float(np.percentile(gaps, 99)) <= request.tbt_slo_s
+    if len(gaps) == 0:
+        return True
+    # The P99 interpolates between two gaps, so it is at most the largest: when that one is within
+    # the SLO (most requests), the percentile (some 40 µs a request) cannot change the answer.
+    if gaps.max() <= request.tbt_slo_s:
+        return True
+    return float(np.percentile(gaps, 99)) <= request.tbt_slo_s
 
 
 @dataclass

@@ -61,14 +61,17 @@ class AptPolicy(Policy):
     name = "apt"
 
     def schedule(self, view: SchedulerView) -> ScheduleDecision:
-        waiting, running = _Candidates.of(view.waiting, view), _Candidates.of(view.running, view)
+        running = _Candidates.of(view.running, view)
+        # Most steps have nobody waiting (87% of a 4 req/s ShareGPT run): its arrays and knapsack,
+        # some 60 µs of numpy calls, are then skipped; an empty queue admits nobody either way.
+        waiting = _Candidates.of(view.waiting, view) if view.waiting else None
         # Who is already late, decided once per iteration: it sets U and each request's value.
-        on_time = int((~waiting.late).sum() + (~running.late).sum())
+        on_time = int((~running.late).sum()) + (int((~waiting.late).sum()) if waiting is not None else 0)
         running_choice = running.choose(view, on_time, view.cache.num_blocks)
         growth = _Growth.of(view, running.num_tokens)
         decision, converted_blocks = self._keep(view, running_choice, growth)
         admitted: list[tuple[Request, CacheType]] = []
-        if not decision.preempt:  # memory is short in a step that preempts: admit nobody
+        if waiting is not None and not decision.preempt:  # memory is short in a step that preempts: admit nobody
             # Admissions leave the running requests room to grow for a while: filling every free block
             # would preempt one of them within a step or two, and its re-prefill wastes the admission.
             reserve = converted_blocks + growth.total(running.num_tokens + view.config.growth_reserve_tokens)
@@ -128,10 +131,10 @@ class _Growth:
 
     @classmethod
     def of(cls, view: SchedulerView, num_tokens: np.ndarray) -> _Growth:
-        layout = view.cache.layout
-        tables = [view.cache.table(r.seq_id) for r in view.running]
+        cache = view.cache
+        tables = [cache.table(r.seq_id) for r in view.running]
         held = np.array([len(t.block_ids) for t in tables], dtype=np.int64)
-        per_block = np.array([layout.tokens_per_block(t.cache_type) for t in tables], dtype=np.int64)
+        per_block = np.array([cache.tokens_per_block(t.cache_type) for t in tables], dtype=np.int64)
         return cls(num_tokens, held, per_block)
 
     def total(self, num_tokens: np.ndarray, mask: np.ndarray | None = None) -> int:
@@ -301,18 +304,18 @@ class _Candidates:
         """Knapsack codes for these requests within `capacity` blocks."""
         layout, config = view.cache.layout, view.config
         blocks_kv = -(-self.num_tokens // layout.block_size)
-        if self.may_hidden.any():
-            blocks_hidden = -(-self.num_tokens // layout.tokens_per_block(CacheType.HIDDEN))
-        else:
-            blocks_hidden = np.zeros_like(blocks_kv)
         on_time_kv = (self.pending + config.pending_floor_s) * self.weight
         value_kv = np.where(self.late, config.violator_density * blocks_kv, on_time_kv)
+        value_kv = np.where(self.may_kv, value_kv, 0.0)  # KV not allowed: a non-positive choice drops
+        if not self.may_hidden.any():  # no hidden choice (the common case): its values are all NaN
+            return choose_codes(value_kv, blocks_kv, np.full(len(value_kv), np.nan), np.zeros_like(blocks_kv),
+                                capacity)
+        blocks_hidden = -(-self.num_tokens // layout.tokens_per_block(CacheType.HIDDEN))
         # Floored where KV is not allowed (see the class docstring): such a request keeps a positive value.
         on_time_hidden = on_time_kv - on_time * view.alpha * blocks_kv
         on_time_hidden = np.where(
             self.may_kv, on_time_hidden, np.maximum(on_time_hidden, config.violator_density * blocks_hidden)
         )
         value_hidden = np.where(self.late, config.violator_density * blocks_hidden / 2, on_time_hidden)
-        value_kv = np.where(self.may_kv, value_kv, 0.0)  # KV not allowed: a non-positive choice drops
         value_hidden = np.where(self.may_hidden, value_hidden, np.nan)
         return choose_codes(value_kv, blocks_kv, value_hidden, blocks_hidden, capacity)

@@ -106,11 +106,13 @@ class CacheManager:
         self._tables[seq_id] = table
         return table
 
-    def grow(self, seq_id: int, num_tokens: int) -> None:
-        """Make `seq_id` able to hold `num_tokens` tokens (callers check `blocks_to_hold` first)."""
+    def grow(self, seq_id: int, num_tokens: int) -> BlockTable:
+        """Make `seq_id` able to hold `num_tokens` tokens (callers check `blocks_to_hold` first); its table."""
         extra = self.blocks_to_hold(seq_id, num_tokens)
+        table = self._tables[seq_id]
         if extra:
-            self._tables[seq_id].block_ids.extend(self.pool.allocate(extra, seq_id))
+            table.block_ids.extend(self.pool.allocate(extra, seq_id))
+        return table
 
     def _fork_split(self, parent: int, num_tokens: int) -> tuple[list[int], int]:
         """The blocks a fork shares (before the one holding token `num_tokens - 1`) and the one it copies."""

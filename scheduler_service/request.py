@@ -131,13 +131,14 @@ class Request:
         return now - self.last_token_time > self.tbt_slo_s
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What the caller sees after a step: the tokens so far, and whether the request ended.
 
     Read-only by convention, not `frozen`: a frozen dataclass's `__init__` sets each field through
     `object.__setattr__`, about 4 µs for these fields, and the engine makes one per generated token
-    (a quarter of a simulated step's cost, `bench/simulator/speed.py`); a plain one takes under 1 µs."""
+    (a quarter of a simulated step's cost, `bench/simulator/speed.py`); a plain one with slots (no
+    per-object dict to build and free) takes about 1.5 µs."""
 
     request_id: str
     prompt_token_ids: list[int]

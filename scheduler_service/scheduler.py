@@ -6,7 +6,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-from hybrid_cache.manager import CacheManager
+from hybrid_cache.manager import BlockTable, CacheManager
 from hybrid_cache.plan import BatchPlan, CacheType, Conversion, SamplingParams, SequencePlan
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.policies import FCFSPolicy, Policy, ScheduleDecision, SchedulerView
@@ -207,8 +207,8 @@ class Scheduler:
                 raise RuntimeError(f"policy asked to turn {request.request_id} from KV to hidden in place")
             conversion = self.cache.convert_to_kv(request.seq_id, request.num_computed_tokens)
             request.cache_type = CacheType.KV
-        self.cache.grow(request.seq_id, request.num_computed_tokens + len(chunk))
-        return self._plan(request, chunk, conversion, fork_of), conversion is not None
+        table = self.cache.grow(request.seq_id, request.num_computed_tokens + len(chunk))
+        return self._plan(request, chunk, conversion, fork_of, table), conversion is not None
 
     def _plan_prefill(self, request: Request, cache_type: CacheType, num_new: int) -> SequencePlan:
         """Admit a waiting request: blocks for its first `num_new` tokens (more come chunk by chunk)."""
@@ -230,20 +230,18 @@ class Scheduler:
         return request.token_ids_at(request.num_computed_tokens, num_new)
 
     def _plan(
-        self, request: Request, token_ids: list[int], conversion: Conversion | None, fork_of: int | None = None
+        self, request: Request, token_ids: list[int], conversion: Conversion | None, fork_of: int | None = None,
+        table: BlockTable | None = None,
     ) -> SequencePlan:
-        table = self.cache.table(request.seq_id)
+        """The request's share of the step; `table` is its block table if the caller has it at hand."""
+        if table is None:
+            table = self.cache.table(request.seq_id)
         start = request.num_computed_tokens
-        return SequencePlan(
-            seq_id=request.seq_id,
-            token_ids=token_ids,
-            start_pos=start,
-            cache_type=table.cache_type,
-            block_table=list(table.block_ids),
-            sampling=request.params if start + len(token_ids) == request.num_tokens else _DISCARDED,
-            conversion=conversion,
-            fork_of=fork_of,
-        )
+        last = start + len(token_ids) == len(request.prompt_token_ids) + len(request.output_token_ids)
+        # Positional: this runs for every sequence of every step. The fields, in order: seq_id,
+        # token_ids, start_pos, cache_type, block_table, sampling, conversion, fork_of.
+        return SequencePlan(request.seq_id, token_ids, start, table.cache_type, list(table.block_ids),
+                            request.params if last else _DISCARDED, conversion, fork_of)
 
     def end_step(self, step: ScheduledStep) -> None:
         """Record that the planned tokens are now in the cache. A request left with tokens to compute

@@ -199,7 +199,8 @@ def run(engine: Engine, executor: SimExecutor, clock: VirtualClock, workload: Se
         if clock.now == before:  # nothing ran (e.g. all preempted this step): let time pass
             clock.now = workload[upcoming].arrival if upcoming is not None else before + 1e-3
         if progress and iteration % 256 == 0:
-            finished = sum(1 for r in requests.values() if r is None or r.is_finished)
+            # Added minus still in the engine (which forgets a request once it ends; refused ones never enter).
+            finished = len(requests) - len(engine.requests)
             bar.update(finished - done)
             done = finished
     bar.update(len(workload) - done)

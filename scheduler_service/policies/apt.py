@@ -81,8 +81,10 @@ class AptPolicy(Policy):
         kept, decision.decode = decision.decode, []
         decodes: list[tuple[Request, CacheType]] = []
         prompts: list[tuple[Request, CacheType]] = []
-        for item in kept:
-            (prompts if item[0].is_prefilling else decodes).append(item)
+        for item in kept:  # `is_prefilling` spelled out: this runs for every running request every step
+            request = item[0]
+            prefilling = len(request.prompt_token_ids) + len(request.output_token_ids) - request.num_computed_tokens > 1
+            (prompts if prefilling else decodes).append(item)
         prompts += admitted
         running_ids = {r.seq_id for r, _ in kept}
         _Builder(view, decision, running_ids).build(decodes, prompts)
@@ -134,7 +136,11 @@ class _Growth:
         cache = view.cache
         tables = [cache.table(r.seq_id) for r in view.running]
         held = np.array([len(t.block_ids) for t in tables], dtype=np.int64)
-        per_block = np.array([cache.tokens_per_block(t.cache_type) for t in tables], dtype=np.int64)
+        kv = CacheType.KV
+        if all(t.cache_type is kv for t in tables):  # the common case: one size for all
+            per_block = np.full(len(tables), cache.tokens_per_block(kv), dtype=np.int64)
+        else:
+            per_block = np.array([cache.tokens_per_block(t.cache_type) for t in tables], dtype=np.int64)
         return cls(num_tokens, held, per_block)
 
     def total(self, num_tokens: np.ndarray, mask: np.ndarray | None = None) -> int:
@@ -293,8 +299,11 @@ class _Candidates:
         # KV→hidden would need a re-prefill (x is not kept): a request holding KV stays KV.
         may_hidden = np.where(override == CODE_SKIP, CacheType.HIDDEN in by_mode, override == CODE_HIDDEN)
         may_hidden &= held != CODE_KV
-        priority = np.clip(table[:, 5], -PRIORITY_CLIP, PRIORITY_CLIP)
-        weight = np.power(PRIORITY_BASE, -priority) if priority.any() else np.ones(len(rows))
+        priority = table[:, 5]
+        if priority.any():
+            weight = np.power(PRIORITY_BASE, -np.clip(priority, -PRIORITY_CLIP, PRIORITY_CLIP))
+        else:  # the common case: every request at the default priority
+            weight = np.ones(len(rows))
         return cls(
             requests, table[:, 0].astype(np.int64), pending, weight, pending > table[:, 2], may_kv,
             may_hidden & hidden_possible,

@@ -1,12 +1,13 @@
 """Direct ingress: an ingress replica's own HTTP and gRPC listeners, so requests skip Ray Serve's proxy.
 
 Behind Serve's proxy every streamed token crosses two Ray calls (replica → proxy actor → client); at 16
-streams on a 2-core host that work took cores from the model and doubled the time between tokens
-(docs/DEPLOY.md has the measurement). With `server.ingress: direct` each ingress replica serves the
-same FastAPI app under uvicorn and the same gRPC servicer under `grpc.aio`, on `server.host`, in a
-thread of its own with its own event loop; Serve still places, health-checks and restarts the replica.
-Several ingress replicas on one node share the ports (SO_REUSEPORT; the kernel spreads connections);
-a single one binds them exclusively, so a leftover server on the port is an error, not a silent split.
+streams on a 2-core host that work took CPU from the model, and direct ingress cut the served time
+between tokens by about a fifth (docs/DEPLOY.md, "Ingress"; the runs are in docs/BENCHMARKS.md).
+With `server.ingress: direct` each ingress replica serves the same FastAPI app under uvicorn and the
+same gRPC servicer under `grpc.aio`, on `server.host`, in a thread of its own with its own event loop;
+Serve still places, health-checks and restarts the replica. Several ingress replicas on one node share
+the ports (SO_REUSEPORT; the kernel spreads connections); a single one binds them exclusively, so a
+leftover server on the port is an error, not a silent split.
 
 Nothing here imports Ray: the listeners are tested over an in-process engine.
 """
@@ -90,10 +91,12 @@ class DirectIngress:
     """
 
     def __init__(self, app: FastAPI, rpcs: AptServeRpcs, host: str, http_port: int, grpc_port: int,
-                 share_ports: bool = False) -> None:
+                 share_ports: bool = False, max_ongoing_requests: int | None = None) -> None:
         self.host, self.http_port, self.grpc_port, self.share_ports = host, http_port, grpc_port, share_ports
         self._servicer = DirectGrpcService(rpcs)
-        self._http = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        # Beyond `max_ongoing_requests` open HTTP requests uvicorn answers 503, as Serve's limit would.
+        self._http = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
+                                                   limit_concurrency=max_ongoing_requests))
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._grpc: grpc.aio.Server | None = None

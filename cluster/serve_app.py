@@ -64,7 +64,8 @@ class AptServeIngress(AptServeRpcs):
         self.direct: DirectIngress | None = None
         if server.ingress == "direct":  # this replica listens itself (Serve runs no proxy)
             self.direct = DirectIngress(fastapi_app, self, server.host, server.port, server.grpc_port,
-                                        share_ports=server.ingress_replicas > 1)
+                                        share_ports=server.ingress_replicas > 1,
+                                        max_ongoing_requests=server.max_ongoing_requests)
             self.direct.start()
 
     def check_health(self) -> None:

@@ -2,7 +2,8 @@
 
 `EngineClient` wraps a Ray actor hosting `scheduler_service.engine_service.EngineService`. Each
 `generate` returns an async iterator of RequestOutputs, like `AsyncEngine.generate`; one background
-task per client polls the actor and hands every output to its request's stream.
+task per client polls the actor and hands every output delta to its request's stream, which rebuilds
+the full output (`OutputAssembler`).
 
 Ray attributes a remote call to the request whose asyncio context submits it and cancels the call
 when that request is cancelled (a client disconnect, recursively). The poller serves every request
@@ -21,6 +22,7 @@ from cluster.errors import ReplicaFailed, RequestAborted
 from hybrid_cache.plan import CacheType, SamplingParams
 from scheduler_service.async_engine import outputs_from
 from scheduler_service.engine import DuplicateRequestId, QueueFull
+from scheduler_service.output_deltas import OutputAssembler
 from scheduler_service.request import RequestOutput
 from scheduler_service.stats import EngineStats
 
@@ -90,7 +92,7 @@ class EngineClient:
         if self._poller is None or self._poller.done():
             loop = asyncio.get_running_loop()
             self._poller = loop.create_task(self._poll(), context=contextvars.Context())
-        return self._outputs(request_id, queue)
+        return self._outputs(request_id, queue, OutputAssembler(list(prompt_token_ids)))
 
     async def _poll(self) -> None:
         while self._streams:
@@ -112,10 +114,12 @@ class EngineClient:
                 if queue is not None:
                     queue.put_nowait(item)
 
-    async def _outputs(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _outputs(
+        self, request_id: str, queue: asyncio.Queue, outputs: OutputAssembler
+    ) -> AsyncIterator[RequestOutput]:
         try:
-            async for output in outputs_from(queue, abandoned=lambda: self._abort_soon(request_id)):
-                yield output
+            async for delta in outputs_from(queue, abandoned=lambda: self._abort_soon(request_id)):
+                yield outputs.assemble(delta)
         finally:
             self._streams.pop(request_id, None)
 

@@ -4,7 +4,8 @@
 CPU, and tests can drive it directly. Callers add requests and then long-poll for outputs: one
 `poll` returns every output the engine produced for that caller since the last poll, so outputs leave
 the engine once per step for all of a caller's requests, and a slow caller never blocks the loop
-(its outputs wait in its outbox).
+(its outputs wait in its outbox). Outputs travel as deltas (`scheduler_service/output_deltas.py`):
+what each step added, never the whole history again.
 
 Nothing is orphaned: a caller that stops calling (it died, or lost a reply such as an `add_request`
 it cancelled after the actor had accepted it) is presumed gone after `caller_timeout_s` of silence
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from hybrid_cache.plan import CacheType, SamplingParams
 from scheduler_service.async_engine import AsyncEngine, RequestStream
 from scheduler_service.engine import Engine
-from scheduler_service.request import RequestOutput
+from scheduler_service.output_deltas import DeltaEncoder, OutputDelta
 from scheduler_service.stats import EngineStats
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Outbox:
-    outputs: list[RequestOutput | tuple[str, str]] = field(default_factory=list)
+    outputs: list[OutputDelta | tuple[str, str]] = field(default_factory=list)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     request_ids: set[str] = field(default_factory=set)  # its requests still streaming
     last_seen: float = field(default_factory=time.monotonic)  # its last call (poll end, add_request)
@@ -104,9 +105,10 @@ class EngineService:
         self._tasks[request_id] = asyncio.get_running_loop().create_task(self._forward(request_id, stream, box))
 
     async def _forward(self, request_id: str, stream: RequestStream, box: _Outbox) -> None:
+        deltas = DeltaEncoder()
         try:
             async for output in stream:
-                box.outputs.append(output)
+                box.outputs.append(deltas.encode(output))
                 box.ready.set()
         except asyncio.CancelledError:
             raise  # aborted: the stream aborted the request as it was cancelled
@@ -117,11 +119,12 @@ class EngineService:
             box.request_ids.discard(request_id)
             self._tasks.pop(request_id, None)
 
-    async def poll(self, caller: str, timeout_s: float) -> list[RequestOutput | tuple[str, str]]:
+    async def poll(self, caller: str, timeout_s: float) -> list[OutputDelta | tuple[str, str]]:
         """Outputs for `caller` since its last poll (waiting up to `timeout_s` for the first one).
 
-        An item is a RequestOutput, or `(request_id, error message)` when a request's stream failed
-        (`ABORTED` when it was aborted by `abort`).
+        An item is an `OutputDelta` (what one step added to a request's output; the caller rebuilds the
+        `RequestOutput` with an `OutputAssembler`), or `(request_id, error message)` when a request's
+        stream failed (`ABORTED` when it was aborted by `abort`).
         """
         box = self._outbox(caller)
         box.polls_in_progress += 1

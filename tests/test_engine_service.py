@@ -13,6 +13,7 @@ from cluster import LLM, SamplingParams
 from cluster.config import load_config
 from cluster.engine_builder import build_engine
 from scheduler_service.engine_service import ABORTED, EngineService
+from scheduler_service.output_deltas import OutputAssembler
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [20, 21]]
@@ -46,13 +47,16 @@ def test_service_in_process(tiny_models: dict[str, Path]) -> None:
         await service.add_request("caller", "gone", [4, 4, 4], SamplingParams(temperature=0, max_tokens=200))
         await service.abort("gone")  # as another ingress replica would: its caller must still learn it
         tokens: dict[str, list[int]] = {}
+        streams = {f"r{i}": OutputAssembler(prompt) for i, prompt in enumerate(PROMPTS)}
         deadline = time.monotonic() + 60
         while len(tokens) < len(PROMPTS) and time.monotonic() < deadline:
-            for out in await service.poll("caller", timeout_s=1.0):
-                if isinstance(out, tuple):
-                    ended.append(out)
-                elif out.finished and out.request_id != "gone":
-                    tokens[out.request_id] = out.token_ids
+            for delta in await service.poll("caller", timeout_s=1.0):
+                if isinstance(delta, tuple):
+                    ended.append(delta)
+                elif delta.request_id != "gone":
+                    out = streams[delta.request_id].assemble(delta)  # deltas, rebuilt as a remote caller does
+                    if out.finished:
+                        tokens[out.request_id] = out.token_ids
         return tokens
 
     try:

@@ -20,6 +20,7 @@ from worker.step_channel import (
     _HEAD,
     _PREFIX,
     _RECV_BYTES,
+    MAX_HELLO_BYTES,
     StepChannelError,
     StepClient,
     StepServer,
@@ -104,6 +105,17 @@ def test_a_wrong_token_is_refused_and_the_executor_still_gets_in(ranks: list[Ran
     finally:
         client.close()
     assert len(ranks[0].plans) == 1, "the stranger's connection must not have run anything"
+
+
+def test_a_stranger_cannot_announce_a_large_greeting() -> None:
+    """Until the token is checked a message is held to a greeting's size: no large buffer for strangers."""
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(_PREFIX.pack(MAX_HELLO_BYTES + 1, 8))
+        with pytest.raises(ValueError, match="is not a step message"):
+            _read_message(right, MAX_HELLO_BYTES)
+    greeting = _frame("hello", text=TOKEN)
+    assert len(greeting) <= MAX_HELLO_BYTES  # the executor's own greeting fits
 
 
 def test_once_the_executor_is_in_nobody_else_can_connect(ranks: list[Rank]) -> None:

@@ -41,6 +41,9 @@ _ARRAY = struct.Struct("<BBB")  # name bytes, dtype bytes, dimensions; then the 
 _DIM = 8  # bytes per dimension
 # A step's plan is a few integers per token and block; anything near this size is not one of ours.
 MAX_FRAME_BYTES = 1 << 30
+# Before a peer has shown the token it may announce no more than a greeting's worth, so a stranger
+# cannot make a rank allocate a large buffer.
+MAX_HELLO_BYTES = 4096
 # One read's worth: a decode plan of a few hundred sequences fits; a longer prefill takes more reads.
 _RECV_BYTES = 1 << 16
 _NUMERIC_KINDS = frozenset("biuf")  # bool, signed, unsigned, float: nothing that holds Python objects
@@ -77,13 +80,14 @@ def _receive(sock: socket.socket) -> bytes:
     return data
 
 
-def _read_message(sock: socket.socket) -> tuple[str, str, Arrays]:
-    """One message: (kind, text, arrays). Raises EOFError on a closed connection, ValueError on garbage."""
+def _read_message(sock: socket.socket, max_bytes: int = MAX_FRAME_BYTES) -> tuple[str, str, Arrays]:
+    """One message of at most `max_bytes`: (kind, text, arrays). Raises EOFError on a closed
+    connection, ValueError on garbage."""
     data = _receive(sock)
     while len(data) < _PREFIX.size:  # a prefix split across reads: rare
         data += _receive(sock)
     size, header_size = _PREFIX.unpack_from(data)
-    if size > MAX_FRAME_BYTES or header_size > size:
+    if size > max_bytes or header_size > size:
         raise ValueError(f"a message of {size} bytes (header {header_size}) is not a step message")
     end = _PREFIX.size + size
     if len(data) > end:
@@ -181,7 +185,7 @@ class StepServer:
                 return None  # closed: the rank is shutting down
             try:
                 conn.settimeout(self._hello_timeout_s)
-                kind, text, _ = _read_message(conn)
+                kind, text, _ = _read_message(conn, MAX_HELLO_BYTES)
                 if kind == _HELLO and hmac.compare_digest(text.encode(), self._token):
                     conn.settimeout(None)  # an idle engine sends nothing for as long as it likes
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -84,8 +84,7 @@ class CacheManager:
 
     def blocks_needed(self, num_tokens: int, cache_type: CacheType) -> int:
         # `-(-n // k)`: the ceiling of n / k in integers, as `layout.blocks_needed` computes it in floats.
-        per_block = self._kv_per_block if cache_type is CacheType.KV else self.layout.tokens_per_block(cache_type)
-        return -(-num_tokens // per_block)
+        return -(-num_tokens // self.tokens_per_block(cache_type))
 
     def table(self, seq_id: int) -> BlockTable | None:
         return self._tables.get(seq_id)
@@ -93,9 +92,7 @@ class CacheManager:
     def blocks_to_hold(self, seq_id: int, num_tokens: int) -> int:
         """Extra blocks `seq_id` needs so that it can hold `num_tokens` tokens."""
         table = self._tables[seq_id]
-        cache_type = table.cache_type
-        per_block = self._kv_per_block if cache_type is CacheType.KV else self.layout.tokens_per_block(cache_type)
-        return max(0, -(-num_tokens // per_block) - len(table.block_ids))
+        return max(0, self.blocks_needed(num_tokens, table.cache_type) - len(table.block_ids))
 
     # -- changes -------------------------------------------------------------------------------
     def allocate(self, seq_id: int, num_tokens: int, cache_type: CacheType) -> BlockTable:

@@ -11,6 +11,7 @@ state, one per sample (`index`) of the request.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from hybrid_cache.plan import TokenLogprobs
@@ -38,16 +39,6 @@ class OutputDelta:
     stop_reason: str | int | None
 
 
-def _common_prefix(a: str, b: str) -> int:
-    if b.startswith(a):
-        return len(a)
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 @dataclass
 class DeltaEncoder:
     """The engine's side of one request's stream: each output's change since the last one sent."""
@@ -56,7 +47,7 @@ class DeltaEncoder:
 
     def encode(self, output: RequestOutput) -> OutputDelta:
         sent = self._texts.get(output.index, "")
-        start = _common_prefix(sent, output.text)
+        start = len(os.path.commonprefix([sent, output.text]))
         self._texts[output.index] = output.text
         return OutputDelta(
             output.request_id, output.index, output.new_token_ids, len(output.token_ids), start,

@@ -237,7 +237,7 @@ class Scheduler:
         if table is None:
             table = self.cache.table(request.seq_id)
         start = request.num_computed_tokens
-        last = start + len(token_ids) == len(request.prompt_token_ids) + len(request.output_token_ids)
+        last = start + len(token_ids) == request.num_tokens
         # Positional: this runs for every sequence of every step. The fields, in order: seq_id,
         # token_ids, start_pos, cache_type, block_table, sampling, conversion, fork_of.
         return SequencePlan(request.seq_id, token_ids, start, table.cache_type, list(table.block_ids),

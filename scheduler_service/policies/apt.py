@@ -81,10 +81,8 @@ class AptPolicy(Policy):
         kept, decision.decode = decision.decode, []
         decodes: list[tuple[Request, CacheType]] = []
         prompts: list[tuple[Request, CacheType]] = []
-        for item in kept:  # `is_prefilling` spelled out: this runs for every running request every step
-            request = item[0]
-            prefilling = len(request.prompt_token_ids) + len(request.output_token_ids) - request.num_computed_tokens > 1
-            (prompts if prefilling else decodes).append(item)
+        for item in kept:
+            (prompts if item[0].is_prefilling else decodes).append(item)
         prompts += admitted
         running_ids = {r.seq_id for r, _ in kept}
         _Builder(view, decision, running_ids).build(decodes, prompts)

@@ -78,19 +78,19 @@ def serving(model_dir: Path, **overrides: object) -> Iterator[Server]:
         "server.served_model_name": MODEL, "server.port": free_port(), "server.grpc_port": free_port(),
         "server.request_timeout_s": 60,
     } | overrides)
-    start_serving(config)
     server = Server(config)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{server.base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise AssertionError("the server did not become healthy")
-    try:
+    try:  # a server that never becomes healthy is shut down too: the next module starts Serve anew
+        start_serving(config)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{server.base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the server did not become healthy")
         yield server
     finally:
         stop_serving(config)

@@ -44,7 +44,8 @@ PEER_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 
 @dataclass(frozen=True)
 class System:
-    """One server to measure: `aptserve:POLICY/CACHE` or `vllm`."""
+    """One server to measure: `aptserve:POLICY/CACHE`, optionally `@RUNTIME` (`server.runtime`, e.g.
+    `aptserve:apt/hybrid@process`; Ray Serve when absent), or `vllm`."""
 
     spec: str
 
@@ -54,7 +55,7 @@ class System:
 
     @property
     def name(self) -> str:
-        return self.spec.replace(":", "-").replace("/", "-")
+        return self.spec.replace(":", "-").replace("/", "-").replace("@", "-")
 
     def command(self, args: argparse.Namespace, port: int) -> list[str]:
         if self.is_vllm:
@@ -65,8 +66,10 @@ class System:
                     "--num-gpu-blocks-override", str(args.num_blocks), "--max-num-seqs", str(args.max_num_seqs),
                     "--dtype", args.dtype, "--served-model-name", "bench", "--gpu-memory-utilization", "0.5",
                     "--max-model-len", str(args.max_model_len)]
-        policy, cache = self.spec.removeprefix("aptserve:").split("/")
-        sets = {"cache.block_size": args.block_size, "cache.memory_bytes": args.memory_bytes,
+        policy_cache, _, runtime = self.spec.removeprefix("aptserve:").partition("@")
+        policy, cache = policy_cache.split("/")
+        sets = {"server.runtime": runtime or None,
+                "cache.block_size": args.block_size, "cache.memory_bytes": args.memory_bytes,
                 "cache.num_blocks": "null" if args.memory_bytes else args.num_blocks,
                 "scheduler.max_num_seqs": args.max_num_seqs, "scheduler.max_waiting": 100_000,
                 "scheduler.ttft_slo_s": args.ttft_slo, "scheduler.tbt_slo_s": args.tbt_slo,

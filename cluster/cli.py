@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import asdict
@@ -72,13 +73,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from cluster.serve_app import start_serving, stop_serving
-
     config = load_config(args.config, _overrides(args))
     if args.api_key:  # set as typed: a key must not be read as a YAML scalar (`123`, `yes`)
         config = with_overrides(config, {"server.api_key": args.api_key})
     name = config.model_name
-    start_serving(config)
+    if config.server.runtime == "process":
+        from cluster.process_server import ProcessServer
+
+        server = ProcessServer(config)
+        server.start()
+        stop, alive = server.stop, server.alive
+    else:
+        from cluster.serve_app import start_serving, stop_serving
+
+        start_serving(config)
+        stop, alive = functools.partial(stop_serving, config), lambda: True  # Serve restarts what fails
     host, port, grpc_port = config.server.host, config.server.port, config.server.grpc_port
     base = f"http://{host}:{port}"
     print(f"serving {name}: HTTP {base}/v1 (metrics {base}/metrics), gRPC 127.0.0.1:{grpc_port} "
@@ -88,16 +97,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' {auth}"
           f"-d '{{\"model\": \"{name}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'",
           flush=True)
-    # SIGTERM (Kubernetes, systemd, `kill`) stops as cleanly as Ctrl-C: Serve, engines, Ray.
+    # SIGTERM (Kubernetes, systemd, `kill`) stops as cleanly as Ctrl-C: listeners, engines, Serve, Ray.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    code = 0
     try:
-        while True:
-            time.sleep(3600)
+        while alive():
+            time.sleep(config.server.replica_probe_interval_s)
+        # One process, nothing to restart it from within: exit, so a supervisor (systemd, Kubernetes) can.
+        print("the engine or its listeners stopped: exiting", file=sys.stderr, flush=True)
+        code = 1
     except KeyboardInterrupt:
         print("stopping...", flush=True)
     finally:
-        stop_serving(config)
-    return 0
+        stop()
+    return code
 
 
 def cmd_make_dummy(argv: list[str]) -> int:

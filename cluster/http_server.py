@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 
 from cluster import metrics
 from cluster.auth import ApiKeyMiddleware
-from cluster.config import ServerConfig
+from cluster.config import AptServeConfig, ServerConfig
 from cluster.errors import (
     ENGINE_FAILED_REQUEST,
     Failure,
@@ -44,6 +44,7 @@ from cluster.streams import Deadline, merged
 from cluster.tokenizer import Tokenizer
 from scheduler_service.request import RequestOutput
 from scheduler_service.samples import kept_samples
+from worker.loader import generation_defaults
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,15 @@ class Frontend:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         except (UnicodeError, ValueError, TypeError) as err:
             raise InvalidField("prompt", f"the prompt cannot be tokenized: {one_line(str(err))}") from err
+
+
+def build_frontend(config: AptServeConfig, gateway: Gateway, tokenizer: Tokenizer) -> Frontend:
+    """The frontend of `gateway`, with the limits, key and sampling defaults of `config.server`."""
+    server = config.server
+    defaults = generation_defaults(config.model.path) if server.generation_config == "auto" else {}
+    return Frontend(gateway, tokenizer, config.model_name, server.request_timeout_s,
+                    retry_after_s=server.retry_after_s, max_body_bytes=server.max_body_bytes,
+                    api_key=server.resolved_api_key(), generation_defaults=defaults)
 
 
 _installed: list[Frontend] = []

@@ -25,7 +25,7 @@ from cluster.config import AptServeConfig, load_config
 from cluster.direct_ingress import DirectIngress
 from cluster.engine_client import EngineClient
 from cluster.grpc_servicer import AptServeRpcs
-from cluster.http_server import Frontend, build_app, install_frontend
+from cluster.http_server import build_app, build_frontend, install_frontend
 from cluster.ray_cluster import (
     find_engine_replicas,
     restart_engine_replica,
@@ -35,7 +35,6 @@ from cluster.ray_cluster import (
 from cluster.ray_runtime import ensure_ray
 from cluster.router import ReplicaRouter
 from cluster.tokenizer import Tokenizer
-from worker.loader import generation_defaults
 
 GRPC_SERVICER = "cluster.grpc_gen.aptserve_pb2_grpc.add_AptServeServicer_to_server"
 APP_NAME = "aptserve"
@@ -53,12 +52,7 @@ class AptServeIngress(AptServeRpcs):
         clients = [EngineClient(h, call_timeout_s=server.replica_call_timeout_s,
                                 restart=functools.partial(restart_engine_replica, h)) for h in handles]
         router = ReplicaRouter(clients, info["max_model_len"], info["vocab_size"], server.replica_probe_interval_s)
-        self.tokenizer = Tokenizer(self.config.model.path)
-        self.model_name = self.config.model_name
-        defaults = generation_defaults(self.config.model.path) if server.generation_config == "auto" else {}
-        self.frontend = Frontend(router, self.tokenizer, self.model_name, server.request_timeout_s,
-                                 retry_after_s=server.retry_after_s, max_body_bytes=server.max_body_bytes,
-                                 api_key=server.resolved_api_key(), generation_defaults=defaults)
+        self.frontend = build_frontend(self.config, router, Tokenizer(self.config.model.path))
         install_frontend(self.frontend)
         super().__init__(self.frontend)
         self.direct: DirectIngress | None = None

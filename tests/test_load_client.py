@@ -52,3 +52,18 @@ def test_bench_times_unloaded_requests_and_reads_server_metrics(tiny_opt_with_to
     assert found["engine_e2e_count"] == 2 and found["engine_e2e_seconds_sum"] > 0
     assert found["step_seconds_execute"] >= found["step_seconds_model"] >= found["step_seconds_attention"] > 0
     assert found["step_seconds_scheduling"] > 0
+
+
+def test_bench_system_spec_names_policy_cache_and_runtime() -> None:
+    import argparse
+
+    from bench.serve_bench import System
+
+    args = argparse.Namespace(model="m", dtype="bfloat16", block_size=32, memory_bytes=None, num_blocks=32,
+                              max_num_seqs=16, ttft_slo=1.5, tbt_slo=None, threads=2, set=[])
+    process = System("aptserve:apt/hybrid@process")
+    command = process.command(args, 8100)
+    assert process.name == "aptserve-apt-hybrid-process"
+    assert command[command.index("--policy") + 1:command.index("--policy") + 4] == ["apt", "--cache", "hybrid"]
+    assert "server.runtime=process" in command and "scheduler.ttft_slo_s=1.5" in command
+    assert not any(part.startswith("server.runtime") for part in System("aptserve:fcfs/kv").command(args, 8100))

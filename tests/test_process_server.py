@@ -1,0 +1,118 @@
+"""`server.runtime: process`: `aptserve serve` with the engine, HTTP and gRPC in its own process, no Ray."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import psutil
+import pytest
+
+from cluster import LLM, SamplingParams
+from cluster.config import load_config
+from cluster.direct_ingress import listening_socket
+from cluster.grpc_gen import aptserve_pb2 as pb
+from cluster.grpc_gen import aptserve_pb2_grpc as pb_grpc
+from cluster.process_server import ProcessServer
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "tiny-opt"
+PROMPT = "Once upon a time"
+CACHE = {"cache.block_size": 4, "cache.num_blocks": 128}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    try:
+        listening_socket("127.0.0.1", port, share=False).close()
+    except OSError:
+        return False
+    return True
+
+
+def wait_healthy(base: str, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited with {process.returncode}:\n{process.stdout.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"the server was not healthy within {timeout_s} s")
+
+
+def test_serve_command_runs_one_process_that_answers_http_and_grpc_and_stops_on_sigterm(
+    tiny_opt_with_tokenizer: Path,
+) -> None:
+    http_port, grpc_port = free_port(), free_port()
+    command = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tiny_opt_with_tokenizer),
+               "--port", str(http_port), "--set", "server.runtime=process", "--set", f"server.grpc_port={grpc_port}",
+               "--set", f"server.served_model_name={MODEL}"]
+    for key, value in CACHE.items():
+        command += ["--set", f"{key}={value}"]
+    process = subprocess.Popen(command, cwd=REPO, env=os.environ | {"HF_HUB_OFFLINE": "1"}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_healthy(base, process)
+        # No Ray at all: nothing but the server process itself.
+        assert psutil.Process(process.pid).children(recursive=True) == []
+
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        http = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert http.status_code == 200, http.text
+        bad = httpx.post(f"{base}/v1/completions", json=body | {"max_tokens": -1}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.AptServeStub(channel)
+            assert stub.Health(pb.HealthRequest()).status == "ok"
+            request = pb.GenerateRequest(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, ignore_eos=True)
+            grpc_text = "".join(reply.text_delta for reply in stub.Generate(request))
+        metrics = httpx.get(f"{base}/metrics", timeout=30).text
+        assert 'aptserve:step_seconds_total{model="tiny-opt",part="model"' in metrics
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        assert port_free(http_port) and port_free(grpc_port)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    llm = LLM(str(tiny_opt_with_tokenizer), block_size=4, num_blocks=128)
+    try:
+        offline = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0].text
+    finally:
+        llm.shutdown()
+    assert http.json()["choices"][0]["text"] == grpc_text == offline
+
+
+def test_alive_follows_the_engine_and_replicas_are_refused(tiny_opt_with_tokenizer: Path) -> None:
+    overrides = {"model.path": str(tiny_opt_with_tokenizer), "server.runtime": "process",
+                 "server.port": free_port(), "server.grpc_port": free_port()} | CACHE
+    with pytest.raises(ValueError, match="one engine replica"):
+        ProcessServer(load_config(overrides=overrides | {"parallel.replicas": 2}))
+    server = ProcessServer(load_config(overrides=overrides))
+    server.start()
+    try:
+        assert server.alive()
+        server.engine.shutdown()  # what a failed engine loop looks like from outside: `aptserve serve` exits
+        assert not server.alive()
+    finally:
+        server.stop()
+    assert port_free(overrides["server.port"]) and port_free(overrides["server.grpc_port"])

@@ -41,6 +41,8 @@ METRICS = {
     "step_time_predicted_seconds_total": "Predicted duration of the steps the engine ran (apt's step-time model).",
     "step_time_measured_seconds_total": "Measured duration of the same steps.",
     "step_time_abs_error_seconds_total": "Summed |predicted - measured| over the same steps.",
+    "step_time_scale": "The online correction the step-time model's predictions are multiplied by: median measured "
+    "÷ start-up model over the recent steps (1 with scheduler.step_time_adapt off).",
     "step_time_median_rel_error": "Median |predicted - measured| / measured over the recent steps (NaN before any).",
     "slo_attainment": "Share of judged requests that met their TTFT and P99 TBT SLOs (NaN before any).",
     "requests_slo_met_total": "Requests that finished (stop or length) within their TTFT and P99 TBT SLOs.",
@@ -136,6 +138,7 @@ class _ReplicaCollector(Collector):
                          "per_context": model.seconds_per_context, "per_sequence": model.seconds_per_sequence}
                 for term, value in terms.items():
                     gauge("step_time_model_seconds", value, {"term": term})
+            gauge("step_time_scale", report.scale)
             counter("step_time_predicted_seconds_total", report.predicted_seconds)
             counter("step_time_measured_seconds_total", report.measured_seconds)
             counter("step_time_abs_error_seconds_total", report.abs_error_seconds)

@@ -50,7 +50,12 @@ class SchedulerConfig(BaseModel):
         "than the rest of its prompt) waits for a later step instead: a tiny chunk costs a step's fixed work",
     )
     step_error_window: int = Field(
-        1024, gt=0, description="the last this many steps give the median error of the predicted step time"
+        1024, gt=0, description="the last this many steps give the median error of the predicted step time "
+        "(and, with step_time_adapt, its correction)"
+    )
+    step_time_adapt: bool = Field(
+        True, description="scale the start-up step-time model by the median measured ÷ predicted ratio of the "
+        "recent steps (the profile is a best case; a loaded server steps slower)"
     )
     max_waiting: int | None = Field(
         4096, gt=0, description="most requests waiting; more are rejected (HTTP 503). None: unbounded"

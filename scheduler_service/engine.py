@@ -284,9 +284,9 @@ class Engine:
         _ask_prompt_logprobs(step)
         try:
             with self.timer.measure("execute"):
-                executed = time.perf_counter()
+                executed = self.clock()  # the engine's clock: a simulator's steps take their virtual time
                 tokens = self.executor.execute(step.plan)
-                executed = time.perf_counter() - executed
+                executed = self.clock() - executed
             if len(tokens) != len(step.requests):
                 raise RuntimeError(f"the executor returned {len(tokens)} tokens for {len(step.requests)} sequences")
         except Exception as err:  # noqa: BLE001 - a failed step ends what it touched; the engine goes on
@@ -294,8 +294,11 @@ class Engine:
             return outputs + self._fail_for(step, err)
         self.scheduler.end_step(step)
         self.num_steps += 1
-        if step.predicted_seconds is not None:
-            self.step_time.record(step.predicted_seconds, executed)
+        predictor = self.scheduler.step_time
+        if step.predicted_seconds is not None and predictor is not None:
+            self.step_time.record(step.predicted_seconds, executed, predictor.scale)
+            if self.config.step_time_adapt:
+                self.scheduler.step_time = dataclasses.replace(predictor, scale=self.step_time.scale())
         now = self.clock()
         for request, seq, entries in zip(step.requests, step.plan.seqs, prompt_logprobs_of(tokens) or ()):
             if entries is not None:
@@ -425,7 +428,7 @@ class Engine:
             metrics=metrics,
             num_policy_fallbacks=self.scheduler.num_policy_fallbacks,
             healthy=healthy,
-            step_time=self.step_time.report(),
+            step_time=self.step_time.report(predictor.scale if (predictor := self.scheduler.step_time) else 1.0),
             num_prefills=self.scheduler.num_prefills,
             num_forked_samples=self.num_forked_samples,
         )

@@ -169,3 +169,62 @@ def test_the_report_holds_predicted_against_measured() -> None:
     assert report.abs_error_seconds == pytest.approx(0.10 + 0.01 + 0.02)
     assert report.median_abs_error_seconds == pytest.approx(0.01)  # the last 3: 0.01, 0.02, 0.00
     assert report.median_rel_error == pytest.approx(0.01 / 0.11)
+
+
+def test_the_correction_is_the_median_measured_over_model_ratio() -> None:
+    tracker = StepTimeTracker(STEP, window=3)
+    assert tracker.scale() == 1.0 and tracker.report().scale == 1.0  # nothing measured yet
+    tracker.record(0.10, 0.20)  # the model alone said 0.10: ratio 2
+    assert tracker.scale() == pytest.approx(2.0)
+    tracker.record(0.20, 0.30, scale=2.0)  # predicted with scale 2, so the model said 0.10: ratio 3
+    tracker.record(0.25, 0.10, scale=2.5)  # the model said 0.10: ratio 1
+    assert tracker.scale() == pytest.approx(2.0)  # median of 2, 3, 1
+    tracker.record(0.20, 0.0, scale=2.0)  # a clock that did not move: no ratio
+    assert tracker.scale() == pytest.approx(2.0)
+    tracker.record(0.20, 0.80, scale=2.0)  # ratio 8 pushes the oldest (2) out of the window of 3
+    assert tracker.scale() == pytest.approx(3.0)  # median of 3, 1, 8
+    assert tracker.report(scale=3.0).scale == 3.0
+    load = StepLoad().plus(10, 0, False)
+    assert StepTimePredictor(STEP, PREDICTOR.recompute, scale=3.0).seconds(load) == pytest.approx(
+        3 * PREDICTOR.seconds(load))
+
+
+@pytest.mark.parametrize("adapt", [True, False])
+def test_the_engine_rescales_the_model_by_what_its_steps_take(adapt: bool) -> None:
+    """Steps that take 3x the model's prediction: with adaptation the scheduler's predictor is scaled by
+    3 and its later predictions match; without, it keeps predicting a third of every step."""
+    import dataclasses
+
+    from test_scheduler_soak import Clock, FakeExecutor
+
+    from scheduler_service import Engine
+
+    clock = Clock()
+
+    class SlowExecutor(FakeExecutor):
+        def info(self):  # noqa: ANN202
+            return dataclasses.replace(super().info(), step_cost=STEP)
+
+        def execute(self, plan):  # noqa: ANN001, ANN202
+            clock.now += 3 * STEP.seconds(*_load(plan))
+            return super().execute(plan)
+
+    engine = Engine(SchedulerConfig(policy="apt", step_time_adapt=adapt), SlowExecutor(num_blocks=64, seed=0),
+                    clock=clock)
+    for i in range(4):
+        engine.add_request([5 + i] * 6, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    report = engine.stats().step_time
+    assert report.num_steps > 10
+    if adapt:
+        assert engine.scheduler.step_time.scale == pytest.approx(3.0) and report.scale == pytest.approx(3.0)
+        assert report.median_rel_error == pytest.approx(0.0, abs=1e-9)  # every step after the first
+    else:
+        assert engine.scheduler.step_time.scale == 1.0 and report.scale == 1.0
+        assert report.median_rel_error == pytest.approx(2 / 3)
+
+
+def _load(plan) -> tuple[int, int, int]:  # noqa: ANN001
+    load = StepLoad.of_plan(plan)
+    return load.tokens, load.context, load.sequences

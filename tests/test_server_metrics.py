@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.serve_bench import markdown_tables
@@ -73,3 +75,28 @@ def test_the_tables_say_below_the_lowest_rate_and_show_each_probe() -> None:
     assert "| aptserve:apt/hybrid | < 0.5 | 0.5: 0.70 |" in table
     assert "| vllm | 0.5 | 0.93 | 0.96 | 199/200 | 0.43 / 1.41 | 59 | 1.15 | 14.0 |" in table
     assert "| aptserve:apt/hybrid | 0.5 | 12.0 | 9.0 | 3.0 | 1.0 | 3.0 |  |  |" in table
+
+
+def test_the_headline_crossing_interpolates_between_the_last_pass_and_the_first_fail(tmp_path: Path) -> None:
+    import json
+
+    from bench.headline import crossing, headline_table, load_runs
+
+    assert crossing({3.0: 0.99, 6.0: 0.95, 9.0: 0.45, 15.0: 0.2}) == pytest.approx(6.3)  # 6 + 3·0.05/0.5
+    assert crossing({3.0: 0.99, 6.0: 0.5, 9.0: 0.95}) == pytest.approx(3 + 3 * 0.09 / 0.49)  # 9 is noise
+    assert crossing({3.0: 0.95, 6.0: 0.92}) == 6.0  # nothing failed: the highest probe
+    assert crossing({3.0: 0.5, 6.0: 0.2}) is None
+    for seed, (vllm, ours) in enumerate([({3: 1.0, 9: 0.9, 15: 0.2}, {3: 1.0, 6: 0.95, 9: 0.45}),
+                                         ({3: 1.0, 9: 0.95, 12: 0.5}, {3: 1.0, 6: 0.9, 9: 0.6})]):
+        run = tmp_path / f"s{seed}"
+        run.mkdir()
+        systems = {name: {"effective_throughput_rps": max(r for r, a in curve.items() if a >= 0.9),
+                          "attainment_by_rate": {str(r): a for r, a in curve.items()}}
+                   for name, curve in (("vllm", vllm), ("ours", ours))}
+        run.joinpath("summary.json").write_text(json.dumps(
+            {"settings": {"dataset": "sharegpt", "cv": 1.0, "seed": seed}, "systems": systems}))
+    table, data = headline_table(load_runs([tmp_path / "s0", tmp_path / "s1"]), "vllm")
+    ratios = data["sharegpt, CV 1"]["ours"]["ratio_to_baseline"]
+    assert ratios["effective"] == pytest.approx([6 / 9, 6 / 9])  # seed 1: 6 against 9
+    assert ratios["crossing"][0] == pytest.approx(6.3 / 9.0)
+    assert "| sharegpt, CV 1 | ours | 6, 6 |" in table and "0.67 |" in table

@@ -1,0 +1,133 @@
+"""The headline table of several `aptserve bench` runs: effective throughput per cell and system, over seeds.
+
+    python -m bench.headline results/bench/i14-*-s0 results/bench/i14-*-s1 --baseline vllm \
+        --out results/bench/i14-headline
+
+A cell is a (dataset, CV) pair; each run directory is one seed of one cell (its `summary.json` says
+which). For every system the table gives, per seed, the effective throughput the run's probes
+established (the highest rate that met the attainment target together with every lighter one) and
+the rate where the attainment curve crosses the target, interpolated linearly between the last
+passing and the first failing probe (bisection leaves a gap between them; the crossing ranks systems
+within it). Ratios to the baseline are taken per seed and then given as their range. Writes
+`headline.md`, `headline.json` and `headline.png` (attainment against rate, one panel per cell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from bench.slo_metrics import effective_throughput
+
+
+def crossing(attainment_by_rate: dict[float, float], target: float = 0.9) -> float | None:
+    """The rate where attainment falls through `target`, linear between the last rate of the passing
+    run from the lowest probe up and the next probe; the highest probe if none fails, None if the
+    lowest fails."""
+    rates = sorted(attainment_by_rate)
+    passing = effective_throughput(attainment_by_rate, target)
+    if passing is None:
+        return None
+    later = [r for r in rates if r > passing]
+    if not later:
+        return passing
+    failing = later[0]
+    above, below = attainment_by_rate[passing], attainment_by_rate[failing]
+    return passing + (failing - passing) * (above - target) / (above - below)
+
+
+def load_runs(directories: list[Path]) -> dict[str, dict[str, dict[int, dict]]]:
+    """cell → system → seed → {"effective", "crossing", "attainment"} from each run's summary.json."""
+    cells: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for directory in directories:
+        summary = json.loads((directory / "summary.json").read_text())
+        settings = summary["settings"]
+        cell = f"{settings['dataset']}, CV {settings['cv']:g}"
+        for system, result in summary["systems"].items():
+            attainment = {float(r): a for r, a in result["attainment_by_rate"].items()}
+            cells[cell][system][settings["seed"]] = {
+                "effective": result["effective_throughput_rps"], "crossing": crossing(attainment),
+                "attainment": attainment,
+            }
+    return cells
+
+
+def _span(values: list[float]) -> str:
+    if not values:
+        return "–"
+    low, high = min(values), max(values)
+    return f"{low:.2f}" if abs(high - low) < 5e-3 else f"{low:.2f}–{high:.2f}"
+
+
+def headline_table(cells: dict[str, dict[str, dict[int, dict]]], baseline: str) -> tuple[str, dict]:
+    """Markdown rows: per cell and system, the seeds' effective throughputs and crossings, and the ratios."""
+    lines = ["| cell | system | effective throughput by seed (req/s) | 90% crossing by seed (req/s) "
+             f"| ÷ {baseline}, effective | ÷ {baseline}, crossing |", "| --- | --- | --- | --- | ---: | ---: |"]
+    data: dict = {}
+    for cell, systems in sorted(cells.items()):
+        base = systems.get(baseline, {})
+        for system, seeds in systems.items():
+            ratios = {"effective": [], "crossing": []}
+            for seed, run in seeds.items():
+                for key in ratios:
+                    ours, theirs = run[key], base.get(seed, {}).get(key)
+                    if ours is not None and theirs:
+                        ratios[key].append(ours / theirs)
+            ordered = sorted(seeds)
+            effective = ", ".join(f"{seeds[s]['effective']:.3g}" for s in ordered)
+            crossings = ", ".join("–" if seeds[s]["crossing"] is None else f"{seeds[s]['crossing']:.2f}"
+                                  for s in ordered)
+            shown = ("" if system == baseline else _span(ratios["effective"]),
+                     "" if system == baseline else _span(ratios["crossing"]))
+            lines.append(f"| {cell} | {system} | {effective} | {crossings} | {shown[0]} | {shown[1]} |")
+            data.setdefault(cell, {})[system] = {"seeds": {str(s): seeds[s] for s in ordered},
+                                                 "ratio_to_baseline": ratios}
+    return "\n".join(lines) + "\n", data
+
+
+def plot(cells: dict[str, dict[str, dict[int, dict]]], path: Path, target: float = 0.9) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(cells)
+    figure, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
+    for axis, cell in zip(axes[0], names):
+        for index, (system, seeds) in enumerate(sorted(cells[cell].items())):
+            for seed, run in sorted(seeds.items()):
+                rates = sorted(run["attainment"])
+                axis.plot(rates, [run["attainment"][r] for r in rates], marker="o", color=f"C{index}",
+                          linestyle="-" if seed == min(seeds) else "--",
+                          label=f"{system} (seed {seed})")
+        axis.axhline(target, color="grey", linewidth=0.8)
+        axis.set_title(cell)
+        axis.set_xlabel("request rate (req/s)")
+        axis.set_ylim(0, 1.05)
+    axes[0][0].set_ylabel("SLO attainment")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="`aptserve bench` result directories")
+    parser.add_argument("--baseline", default="vllm")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    cells = load_runs(args.runs)
+    table, data = headline_table(cells, args.baseline)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "headline.md").write_text(table)
+    (args.out / "headline.json").write_text(json.dumps(data, indent=2))
+    plot(cells, args.out / "headline.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,8 +5,8 @@ The same FastAPI app and gRPC servicer as a Ray Serve ingress replica, on the sa
 (`cluster/direct_ingress.py`), over one in-process engine (`LocalGateway`): no Ray call between a
 request and its engine, no Ray processes beside the model. On a small host the engine's step runs
 faster this way (docs/DEPLOY.md, "Runtime", gives the measurement and what the Ray runtime adds in
-exchange: engine replicas, restarts of a failed engine actor, KubeRay). Tensor parallelism still works:
-with `parallel.executor: ray` the engine drives Ray worker actors from this process.
+exchange: engine replicas, restarts of a failed engine actor, KubeRay). With `parallel.executor: ray`
+the engine drives tensor-parallel Ray worker actors from this process, as the offline `LLM` does.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ which). For every system the table gives, per seed, the effective throughput the
 established (the highest rate that met the attainment target together with every lighter one) and
 the rate where the attainment curve crosses the target, interpolated linearly between the last
 passing and the first failing probe (bisection leaves a gap between them; the crossing ranks systems
-within it). Ratios to the baseline are taken per seed and then given as their range. Writes
+within it). Ratios to the baseline are taken per seed and then given as their range. Beside them: the
+P99 time between tokens at the effective rate (the served requests' worst gaps) and, for our servers,
+the step-time model's median relative error over the run (from the saved /metrics). Writes
 `headline.md`, `headline.json` and `headline.png` (attainment against rate, one panel per cell).
 """
 
@@ -19,6 +21,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from bench.serve_bench import System, probe_file
+from bench.server_metrics import parse_metrics
 from bench.slo_metrics import effective_throughput
 
 
@@ -39,7 +43,9 @@ def crossing(attainment_by_rate: dict[float, float], target: float = 0.9) -> flo
 
 
 def load_runs(directories: list[Path]) -> dict[str, dict[str, dict[int, dict]]]:
-    """cell → system → seed → {"effective", "crossing", "attainment"} from each run's summary.json."""
+    """cell → system → seed → {"effective", "crossing", "attainment", "itl_p99_s", "step_time_error"} from
+    each run's summary.json, its probe at the effective rate (P99 time between tokens there) and the
+    server's saved /metrics (our servers: the step-time model's median relative error)."""
     cells: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for directory in directories:
         summary = json.loads((directory / "summary.json").read_text())
@@ -47,9 +53,14 @@ def load_runs(directories: list[Path]) -> dict[str, dict[str, dict[int, dict]]]:
         cell = f"{settings['dataset']}, CV {settings['cv']:g}"
         for system, result in summary["systems"].items():
             attainment = {float(r): a for r, a in result["attainment_by_rate"].items()}
+            effective = result["effective_throughput_rps"]
+            probe = probe_file(directory, system, effective) if effective else None
+            itl = json.loads(probe.read_text())["summary"]["itl_p99_s"] if probe and probe.exists() else None
+            metrics = directory / f"{System(system).name}-metrics.txt"
+            error = parse_metrics(metrics.read_text()).get("step_time_median_rel_error") if metrics.exists() else None
             cells[cell][system][settings["seed"]] = {
-                "effective": result["effective_throughput_rps"], "crossing": crossing(attainment),
-                "attainment": attainment,
+                "effective": effective, "crossing": crossing(attainment), "attainment": attainment,
+                "itl_p99_s": itl, "step_time_error": error,
             }
     return cells
 
@@ -64,7 +75,8 @@ def _span(values: list[float]) -> str:
 def headline_table(cells: dict[str, dict[str, dict[int, dict]]], baseline: str) -> tuple[str, dict]:
     """Markdown rows: per cell and system, the seeds' effective throughputs and crossings, and the ratios."""
     lines = ["| cell | system | effective throughput by seed (req/s) | 90% crossing by seed (req/s) "
-             f"| ÷ {baseline}, effective | ÷ {baseline}, crossing |", "| --- | --- | --- | --- | ---: | ---: |"]
+             f"| ÷ {baseline}, effective | ÷ {baseline}, crossing | P99 TBT there (s) | step-time model error |",
+             "| --- | --- | --- | --- | ---: | ---: | --- | --- |"]
     data: dict = {}
     for cell, systems in sorted(cells.items()):
         base = systems.get(baseline, {})
@@ -81,7 +93,11 @@ def headline_table(cells: dict[str, dict[str, dict[int, dict]]], baseline: str) 
                                   for s in ordered)
             shown = ("" if system == baseline else _span(ratios["effective"]),
                      "" if system == baseline else _span(ratios["crossing"]))
-            lines.append(f"| {cell} | {system} | {effective} | {crossings} | {shown[0]} | {shown[1]} |")
+            itl = ", ".join("–" if seeds[s]["itl_p99_s"] is None else f"{seeds[s]['itl_p99_s']:.2f}" for s in ordered)
+            errors = [seeds[s]["step_time_error"] for s in ordered if seeds[s]["step_time_error"] is not None]
+            error = ", ".join(f"{e:.0%}" for e in errors) or "–"
+            lines.append(f"| {cell} | {system} | {effective} | {crossings} | {shown[0]} | {shown[1]} "
+                         f"| {itl} | {error} |")
             data.setdefault(cell, {})[system] = {"seeds": {str(s): seeds[s] for s in ordered},
                                                  "ratio_to_baseline": ratios}
     return "\n".join(lines) + "\n", data

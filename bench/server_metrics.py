@@ -27,7 +27,8 @@ STEP_PARTS = ("scheduling", "execute", "model", "attention", "recompute")
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """The keys of `SERVER_COUNTERS`, `hidden_token_share`, and `step_seconds_<part>` found in a page."""
+    """The keys of `SERVER_COUNTERS`, `hidden_token_share`, `step_seconds_<part>`, and the step-time model's
+    `step_time_median_rel_error` and `step_time_scale` found in a page."""
     found: dict[str, float] = {}
 
     def add(key: str, value: float) -> None:
@@ -45,6 +46,8 @@ def parse_metrics(text: str) -> dict[str, float]:
             add("hidden_generation_tokens", value)
         if name == "aptserve:step_seconds_total":
             add("step_seconds_" + sample.split('part="', 1)[1].split('"', 1)[0], value)
+        if name in ("aptserve:step_time_median_rel_error", "aptserve:step_time_scale"):
+            found[name.removeprefix("aptserve:")] = value  # gauges of the one engine replica benchmarked
         if name == "vllm:cache_config_info" and 'num_gpu_blocks="' in sample:
             found["num_cache_blocks"] = float(sample.split('num_gpu_blocks="', 1)[1].split('"', 1)[0])
     if "hidden_generation_tokens" in found and found.get("generation_tokens"):

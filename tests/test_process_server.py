@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,10 +13,10 @@ import grpc
 import httpx
 import psutil
 import pytest
+from test_direct_ingress import free_port, port_taken
 
 from cluster import LLM, SamplingParams
 from cluster.config import load_config
-from cluster.direct_ingress import listening_socket
 from cluster.grpc_gen import aptserve_pb2 as pb
 from cluster.grpc_gen import aptserve_pb2_grpc as pb_grpc
 from cluster.process_server import ProcessServer
@@ -26,20 +25,6 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL = "tiny-opt"
 PROMPT = "Once upon a time"
 CACHE = {"cache.block_size": 4, "cache.num_blocks": 128}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def port_free(port: int) -> bool:
-    try:
-        listening_socket("127.0.0.1", port, share=False).close()
-    except OSError:
-        return False
-    return True
 
 
 def wait_healthy(base: str, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
@@ -88,7 +73,7 @@ def test_serve_command_runs_one_process_that_answers_http_and_grpc_and_stops_on_
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
-        assert port_free(http_port) and port_free(grpc_port)
+        assert not port_taken(http_port) and not port_taken(grpc_port)
     finally:
         if process.poll() is None:
             process.kill()
@@ -115,4 +100,4 @@ def test_alive_follows_the_engine_and_replicas_are_refused(tiny_opt_with_tokeniz
         assert not server.alive()
     finally:
         server.stop()
-    assert port_free(overrides["server.port"]) and port_free(overrides["server.grpc_port"])
+    assert not port_taken(overrides["server.port"]) and not port_taken(overrides["server.grpc_port"])

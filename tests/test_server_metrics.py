@@ -95,8 +95,12 @@ def test_the_headline_crossing_interpolates_between_the_last_pass_and_the_first_
                    for name, curve in (("vllm", vllm), ("ours", ours))}
         run.joinpath("summary.json").write_text(json.dumps(
             {"settings": {"dataset": "sharegpt", "cv": 1.0, "seed": seed}, "systems": systems}))
+    (tmp_path / "s0" / "ours-metrics.txt").write_text(
+        '# TYPE aptserve:step_time_median_rel_error gauge\n'
+        'aptserve:step_time_median_rel_error{model="bench",replica="0"} 0.25\n')
     table, data = headline_table(load_runs([tmp_path / "s0", tmp_path / "s1"]), "vllm")
     ratios = data["sharegpt, CV 1"]["ours"]["ratio_to_baseline"]
     assert ratios["effective"] == pytest.approx([6 / 9, 6 / 9])  # seed 1: 6 against 9
     assert ratios["crossing"][0] == pytest.approx(6.3 / 9.0)
     assert "| sharegpt, CV 1 | ours | 6, 6 |" in table and "0.67 |" in table
+    assert data["sharegpt, CV 1"]["ours"]["seeds"]["0"]["step_time_error"] == 0.25 and "| 25% |" in table

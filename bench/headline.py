@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def load_runs(directories: list[Path]) -> dict[str, dict[str, dict[int, dict]]]:
     server's saved /metrics (our servers: the step-time model's median relative error)."""
     cells: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for directory in directories:
+        if not (directory / "summary.json").exists():
+            print(f"skipped {directory}: no summary.json (an unfinished run)", file=sys.stderr)
+            continue
         summary = json.loads((directory / "summary.json").read_text())
         settings = summary["settings"]
         cell = f"{settings['dataset']}, CV {settings['cv']:g}"

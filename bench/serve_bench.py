@@ -224,7 +224,8 @@ def package_versions() -> dict[str, str]:
 def build_parser(prog: str = "aptserve bench", description: str | None = __doc__) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", required=True, help="comma-separated: aptserve:POLICY/CACHE[@RUNTIME] (server.runtime; ray when absent), vllm")
+    parser.add_argument("--systems", required=True,
+                        help="comma-separated: aptserve:POLICY/CACHE[@RUNTIME] (server.runtime; ray when absent), vllm")
     parser.add_argument("--model", required=True)
     parser.add_argument("--dataset", default="sharegpt")
     parser.add_argument("--cv", type=float, default=1.0)

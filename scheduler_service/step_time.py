@@ -72,7 +72,7 @@ class StepTimeTracker:
 
     The start-up profile times each step shape at its best, on an idle host; a serving engine shares its
     cores with the ingress and the clients' streams, so its steps run longer (on the 2-core development
-    machine, 30-40% longer than predicted). `scale` is the median of measured ÷ the model's own
+    machine, 1.4-1.7x the prediction over a benchmark run). `scale` is the median of measured ÷ the model's own
     prediction over the last `window` steps: multiplying by it keeps the prediction's shape (tokens,
     context) and takes its level from what the steps really cost (docs/ARCHITECTURE.md, "Step-time model").
     """

@@ -76,6 +76,11 @@ def _span(values: list[float]) -> str:
     return f"{low:.2f}" if abs(high - low) < 5e-3 else f"{low:.2f}–{high:.2f}"
 
 
+def _by_seed(seeds: dict[int, dict], key: str, spec: str) -> str:
+    """One run value per seed, in seed order ("–" where a run has none)."""
+    return ", ".join("–" if seeds[s][key] is None else format(seeds[s][key], spec) for s in sorted(seeds))
+
+
 def headline_table(cells: dict[str, dict[str, dict[int, dict]]], baseline: str) -> tuple[str, dict]:
     """Markdown rows: per cell and system, the seeds' effective throughputs and crossings, and the ratios."""
     lines = ["| cell | system | effective throughput by seed (req/s) | 90% crossing by seed (req/s) "
@@ -92,16 +97,13 @@ def headline_table(cells: dict[str, dict[str, dict[int, dict]]], baseline: str) 
                     if ours is not None and theirs:
                         ratios[key].append(ours / theirs)
             ordered = sorted(seeds)
-            effective = ", ".join(f"{seeds[s]['effective']:.3g}" for s in ordered)
-            crossings = ", ".join("–" if seeds[s]["crossing"] is None else f"{seeds[s]['crossing']:.2f}"
-                                  for s in ordered)
             shown = ("" if system == baseline else _span(ratios["effective"]),
                      "" if system == baseline else _span(ratios["crossing"]))
-            itl = ", ".join("–" if seeds[s]["itl_p99_s"] is None else f"{seeds[s]['itl_p99_s']:.2f}" for s in ordered)
             errors = [seeds[s]["step_time_error"] for s in ordered if seeds[s]["step_time_error"] is not None]
             error = ", ".join(f"{e:.0%}" for e in errors) or "–"
-            lines.append(f"| {cell} | {system} | {effective} | {crossings} | {shown[0]} | {shown[1]} "
-                         f"| {itl} | {error} |")
+            lines.append(f"| {cell} | {system} | {_by_seed(seeds, 'effective', '.3g')} "
+                         f"| {_by_seed(seeds, 'crossing', '.2f')} | {shown[0]} | {shown[1]} "
+                         f"| {_by_seed(seeds, 'itl_p99_s', '.2f')} | {error} |")
             data.setdefault(cell, {})[system] = {"seeds": {str(s): seeds[s] for s in ordered},
                                                  "ratio_to_baseline": ratios}
     return "\n".join(lines) + "\n", data

@@ -111,10 +111,11 @@ def _check_free(*ports: int, wait_s: float = 60.0) -> None:
             time.sleep(1)
 
 
-def _wait_healthy(base: str, process: subprocess.Popen, timeout_s: float) -> None:
+def wait_healthy(base: str, process: subprocess.Popen | None, timeout_s: float) -> None:
+    """Return once `base`/health answers 200; RuntimeError if `process` (when given) exits first or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        if process is not None and process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
         try:
             if httpx.get(f"{base}/health", timeout=5).status_code == 200:
@@ -146,7 +147,7 @@ def running_server(system: System, args: argparse.Namespace, out: Path, warmup: 
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base, process, args.start_timeout)
+        wait_healthy(base, process, args.start_timeout)
         asyncio.run(run_trace(base, "bench", warmup, [0.0] * len(warmup), grace_s=300, desc="warm-up"))
         yield base
     finally:

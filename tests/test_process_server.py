@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -15,6 +14,7 @@ import psutil
 import pytest
 from test_direct_ingress import free_port, port_taken
 
+from bench.serve_bench import wait_healthy
 from cluster import LLM, SamplingParams
 from cluster.config import load_config
 from cluster.grpc_gen import aptserve_pb2 as pb
@@ -25,20 +25,6 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL = "tiny-opt"
 PROMPT = "Once upon a time"
 CACHE = {"cache.block_size": 4, "cache.num_blocks": 128}
-
-
-def wait_healthy(base: str, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{process.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"the server was not healthy within {timeout_s} s")
 
 
 def test_serve_command_runs_one_process_that_answers_http_and_grpc_and_stops_on_sigterm(
@@ -54,7 +40,11 @@ def test_serve_command_runs_one_process_that_answers_http_and_grpc_and_stops_on_
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{http_port}"
     try:
-        wait_healthy(base, process)
+        try:
+            wait_healthy(base, process, timeout_s=120)
+        except RuntimeError as err:
+            process.kill()
+            pytest.fail(f"{err}:\n{process.communicate()[0]}")
         # No Ray at all: nothing but the server process itself.
         assert psutil.Process(process.pid).children(recursive=True) == []
 

@@ -19,6 +19,7 @@ import ray
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from bench.serve_bench import wait_healthy
 from cluster.config import AptServeConfig, load_config
 from cluster.grpc_gen import aptserve_pb2 as pb
 from cluster.grpc_gen import aptserve_pb2_grpc as pb_grpc
@@ -81,16 +82,7 @@ def serving(model_dir: Path, **overrides: object) -> Iterator[Server]:
     server = Server(config)
     try:  # a server that never becomes healthy is shut down too: the next module starts Serve anew
         start_serving(config)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{server.base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("the server did not become healthy")
+        wait_healthy(server.base, None, timeout_s=120)
         yield server
     finally:
         stop_serving(config)

@@ -8,7 +8,8 @@ which). For every system the table gives, per seed, the effective throughput the
 established (the highest rate that met the attainment target together with every lighter one) and
 the rate where the attainment curve crosses the target, interpolated linearly between the last
 passing and the first failing probe (bisection leaves a gap between them; the crossing ranks systems
-within it). Ratios to the baseline are taken per seed and then given as their range. Beside them: the
+within it). Two runs of the same cell, system and seed are refused. Ratios to the baseline are
+taken per seed and then given as their range. Beside them: the
 P99 time between tokens at the effective rate (the served requests' worst gaps) and, for our servers,
 the step-time model's median relative error over the run (from the saved /metrics). Writes
 `headline.md`, `headline.json` and `headline.png` (attainment against rate, one panel per cell).
@@ -62,6 +63,8 @@ def load_runs(directories: list[Path]) -> dict[str, dict[str, dict[int, dict]]]:
             itl = json.loads(probe.read_text())["summary"]["itl_p99_s"] if probe and probe.exists() else None
             metrics = directory / f"{System(system).name}-metrics.txt"
             error = parse_metrics(metrics.read_text()).get("step_time_median_rel_error") if metrics.exists() else None
+            if settings["seed"] in cells[cell][system]:  # a second run would silently replace the first
+                raise SystemExit(f"{directory}: {system} already has a run of {cell}, seed {settings['seed']}")
             cells[cell][system][settings["seed"]] = {
                 "effective": effective, "crossing": crossing(attainment), "attainment": attainment,
                 "itl_p99_s": itl, "step_time_error": error,

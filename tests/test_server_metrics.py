@@ -104,3 +104,5 @@ def test_the_headline_crossing_interpolates_between_the_last_pass_and_the_first_
     assert ratios["crossing"][0] == pytest.approx(6.3 / 9.0)
     assert "| sharegpt, CV 1 | ours | 6, 6 |" in table and "0.67 |" in table
     assert data["sharegpt, CV 1"]["ours"]["seeds"]["0"]["step_time_error"] == 0.25 and "| 25% |" in table
+    with pytest.raises(SystemExit, match="already has a run"):
+        load_runs([tmp_path / "s0", tmp_path / "s1", tmp_path / "s0"])  # the same seed twice

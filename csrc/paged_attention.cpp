@@ -1,7 +1,8 @@
 // Paged attention on the CPU: queries of a variable-length batch attend over K/V read where they lie
 // (cache blocks addressed through block tables), fp32 accumulation, online softmax, no gather and no
-// padding. Parallel over (sequence, query tile, K/V head); the query heads of a K/V head share each
-// key tile (grouped-query attention reads K/V once per group).
+// padding. A work item is a query tile of one sequence with all its K/V heads, or a run of them when
+// tiles are too few for the threads; threads take items costliest first. The query heads of a K/V
+// head share each key tile (grouped-query attention reads K/V once per group).
 //
 // Registered as torch.ops.aptserve.paged_attention (see hybrid_cache/kernels.py, which builds and loads it).
 
@@ -12,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -179,21 +181,38 @@ inline void accumulate_inplace(float* acc, float alpha, const float* p, const T*
 }
 #endif
 
-// Fetch the K/V rows of keys [from, to) of one head into L1 ahead of use.
+// Addresses of the cache rows (K/V head 0) of keys [from, from + n): one division for the first key, then
+// the block offset is stepped (an integer division per key cost as much as scoring it in bf16).
 template <typename T>
-inline void prefetch_kv(const T* k, const T* v, const int32_t* table, int64_t block_size, int64_t kb, int64_t kt,
-                        int64_t vb, int64_t vt, int64_t row_bytes, int64_t from, int64_t to) {
-  for (int64_t pos = from; pos < to; ++pos) {
-    const int64_t block = table[pos / block_size], offset = pos % block_size;
-    const char* kr = reinterpret_cast<const char*>(k + block * kb + offset * kt);
-    const char* vr = reinterpret_cast<const char*>(v + block * vb + offset * vt);
-    for (int64_t b = 0; b < row_bytes; b += 64) {
+inline void token_rows(const T* k, const T* v, const int32_t* table, int64_t block_size, int64_t kb, int64_t kt,
+                       int64_t vb, int64_t vt, int64_t from, int64_t n, const T** krow, const T** vrow) {
+  int64_t block = from / block_size, offset = from % block_size;
+  for (int64_t j = 0; j < n; ++j) {
+    krow[j] = k + table[block] * kb + offset * kt;
+    vrow[j] = v + table[block] * vb + offset * vt;
+    if (++offset == block_size) {
+      offset = 0;
+      ++block;
+    }
+  }
+}
+
+// Fetch `bytes` from each of `n` K and V rows into L1 ahead of use.
+template <typename T>
+inline void prefetch_rows(const T* const* krow, const T* const* vrow, int64_t n, int64_t bytes) {
+  for (int64_t j = 0; j < n; ++j) {
+    const char* kr = reinterpret_cast<const char*>(krow[j]);
+    const char* vr = reinterpret_cast<const char*>(vrow[j]);
+    for (int64_t b = 0; b < bytes; b += 64) {
       // (asm: GCC drops a loop of nothing but __builtin_prefetch as free of side effects)
       asm volatile("prefetcht0 %0" : : "m"(*(kr + b)));
       asm volatile("prefetcht0 %0" : : "m"(*(vr + b)));
     }
   }
 }
+
+// Work items per thread below which a query tile's K/V heads are split across items.
+constexpr int64_t kMinItemsPerThread = 4;
 
 template <typename scalar_t, typename out_t>
 void paged_attention_impl(
@@ -218,15 +237,31 @@ void paged_attention_impl(
   const int64_t kb = k_cache.stride(0), kt = k_cache.stride(1), kh = k_cache.stride(2);
   const int64_t vb = v_cache.stride(0), vt = v_cache.stride(1), vh = v_cache.stride(2);
 
-  // Work items: (sequence, query tile) pairs times K/V heads.
-  std::vector<int64_t> tile_seq, tile_first;
+  // Query tiles: (sequence, first query) pairs, the costliest first so that the dynamic hand-out below
+  // ends with small items (a long prompt chunk beside many decodes would otherwise finish last).
+  std::vector<int64_t> tile_seq, tile_first, tile_cost;
   for (int64_t s = 0; s < num_seqs; ++s) {
     for (int64_t first = 0; first < qlens[s]; first += kQueryTile) {
       tile_seq.push_back(s);
       tile_first.push_back(first);
+      tile_cost.push_back(std::min<int64_t>(kQueryTile, qlens[s] - first) * static_cast<int64_t>(kvlens[s]));
     }
   }
-  const int64_t num_items = static_cast<int64_t>(tile_seq.size()) * num_kv_heads;
+  const int64_t num_tiles = static_cast<int64_t>(tile_seq.size());
+  std::vector<int64_t> order(num_tiles);
+  for (int64_t t = 0; t < num_tiles; ++t) order[t] = t;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return tile_cost[a] > tile_cost[b]; });
+
+  // A work item is one query tile and a run of its K/V heads: all of them where there are tiles enough
+  // for every thread, because a token's rows of all heads lie side by side in a block (one stream of
+  // reads, one address computation per key for every head); fewer (down to one) when there are not.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t splits = std::clamp<int64_t>(
+      (kMinItemsPerThread * threads + std::max<int64_t>(num_tiles, 1) - 1) / std::max<int64_t>(num_tiles, 1), 1,
+      std::max<int64_t>(num_kv_heads, 1));
+  const int64_t heads_per_item = (num_kv_heads + splits - 1) / splits;
+  const int64_t head_runs = (num_kv_heads + heads_per_item - 1) / heads_per_item;
+  const int64_t num_items = num_tiles * head_runs;
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   // Fast path (AVX-512, fp32 or bf16, head_dim a multiple of 16): K/V read in place, 16 keys scored per
@@ -241,132 +276,152 @@ void paged_attention_impl(
   const bool bf16_dot = std::is_same<scalar_t, c10::BFloat16>::value && head_dim % 32 == 0;
 #endif
 
-  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    const scalar_t* krow[kKeyTile];
+    const scalar_t* vrow[kKeyTile];
+    const scalar_t* krow_next[kKeyTile];
+    const scalar_t* vrow_next[kKeyTile];
     const scalar_t* kptr[kKeyTile];
     const scalar_t* vptr[kKeyTile];
-    const int64_t rows_max = kQueryTile * group;
+    const int64_t rows_max = kQueryTile * group * heads_per_item;
     std::vector<float> qf(rows_max * head_dim), acc(rows_max * head_dim), m(rows_max), l(rows_max);
     std::vector<float> kf(kKeyTile * head_dim), vf(kKeyTile * head_dim), scores(kKeyTile);
     std::fill(kf.begin(), kf.end(), 0.f);  // keys past a tile's end score garbage-free zeros (masked anyway)
-    const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(scalar_t));
-    auto prefetch_rows = [&](const int32_t* table, int64_t kvh, int64_t from, int64_t to) {
-      prefetch_kv(kp + kvh * kh, vp + kvh * vh, table, block_size, kb, kt, vb, vt, row_bytes, from, to);
-    };
-    if (fast && begin < end) {
-      const int64_t s0 = tile_seq[begin / num_kv_heads];
-      prefetch_rows(tables + s0 * table_stride, begin % num_kv_heads, 0, std::min<int64_t>(kvlens[s0], kKeyTile));
-    }
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t tile = item / num_kv_heads, kvh = item % num_kv_heads;
+    for (;;) {
+      const int64_t item = next_item.fetch_add(1, std::memory_order_relaxed);
+      if (item >= num_items) break;
+      const int64_t tile = order[item / head_runs];
+      const int64_t h0 = (item % head_runs) * heads_per_item;
+      const int64_t nh = std::min<int64_t>(heads_per_item, num_kv_heads - h0);
       const int64_t s = tile_seq[tile], first = tile_first[tile];
       const int64_t nq = std::min<int64_t>(kQueryTile, qlens[s] - first);
       const int64_t nkv = kvlens[s];
       const int64_t shift = causal ? nkv - qlens[s] : nkv;  // query i sees keys j <= i + shift (all if !causal)
       const int32_t* table = tables + s * table_stride;
-      const int64_t rows = nq * group;
-      for (int64_t i = 0; i < nq; ++i) {
-        for (int64_t g = 0; g < group; ++g) {
-          float* dst = qf.data() + (i * group + g) * head_dim;
-          load_f32(qp + (starts[s] + first + i) * qs0 + (kvh * group + g) * qs1, dst, head_dim);
-          for (int64_t x = 0; x < head_dim; ++x) dst[x] *= static_cast<float>(scale);
+      const int64_t rows = nq * group;  // per K/V head
+      // The rows of this item's heads are contiguous in a token's cache row when the heads are.
+      const bool heads_contiguous = kh == head_dim && vh == head_dim;
+      const int64_t fetch_bytes = (heads_contiguous ? nh : 1) * head_dim * static_cast<int64_t>(sizeof(scalar_t));
+      auto fetch = [&](const scalar_t* const* kr, const scalar_t* const* vr, int64_t n) {
+        if (heads_contiguous) {
+          const scalar_t* ks[kKeyTile];
+          const scalar_t* vs[kKeyTile];
+          for (int64_t j = 0; j < n; ++j) {
+            ks[j] = kr[j] + h0 * kh;
+            vs[j] = vr[j] + h0 * vh;
+          }
+          prefetch_rows(ks, vs, n, fetch_bytes);
+        }
+      };
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        const int64_t kvh = h0 + hh;
+        for (int64_t i = 0; i < nq; ++i) {
+          for (int64_t g = 0; g < group; ++g) {
+            float* dst = qf.data() + (hh * rows + i * group + g) * head_dim;
+            load_f32(qp + (starts[s] + first + i) * qs0 + (kvh * group + g) * qs1, dst, head_dim);
+            for (int64_t x = 0; x < head_dim; ++x) dst[x] *= static_cast<float>(scale);
+          }
         }
       }
-      std::fill(acc.begin(), acc.begin() + rows * head_dim, 0.f);
-      std::fill(m.begin(), m.begin() + rows, neg_inf);
-      std::fill(l.begin(), l.begin() + rows, 0.f);
+      std::fill(acc.begin(), acc.begin() + nh * rows * head_dim, 0.f);
+      std::fill(m.begin(), m.begin() + nh * rows, neg_inf);
+      std::fill(l.begin(), l.begin() + nh * rows, 0.f);
       const int64_t key_end = std::min<int64_t>(nkv, causal ? first + nq - 1 + shift + 1 : nkv);
+      if (key_end > 0) {
+        token_rows(kp, vp, table, block_size, kb, kt, vb, vt, 0, std::min<int64_t>(kKeyTile, key_end), krow_next,
+                   vrow_next);
+        if (fast) fetch(krow_next, vrow_next, std::min<int64_t>(kKeyTile, key_end));
+      }
       for (int64_t j0 = 0; j0 < key_end; j0 += kKeyTile) {
         const int64_t nk = std::min<int64_t>(kKeyTile, key_end - j0);
-        if (fast) {
-          // Keys past the tile's end point at its last key (finite scores, masked below).
-          for (int64_t j = 0; j < kKeyTile; ++j) {
-            const int64_t pos = j0 + std::min<int64_t>(j, nk - 1);
-            const int64_t block = table[pos / block_size], offset = pos % block_size;
-            kptr[j] = kp + block * kb + offset * kt + kvh * kh;
-            vptr[j] = vp + block * vb + offset * vt + kvh * vh;
-          }
-          // Rows of one head lie a whole token apart in the cache (strided, block by block): fetch the
-          // next tile's K/V rows while this one is scored (and the next work item's first tile).
-          if (j0 + kKeyTile < key_end) {
-            prefetch_rows(table, kvh, j0 + kKeyTile, std::min<int64_t>(key_end, j0 + 2 * kKeyTile));
-          } else if (item + 1 < end) {
-            const int64_t tile1 = (item + 1) / num_kv_heads, kvh1 = (item + 1) % num_kv_heads;
-            const int64_t s1 = tile_seq[tile1];
-            prefetch_rows(tables + s1 * table_stride, kvh1, 0, std::min<int64_t>(kvlens[s1], kKeyTile));
-          }
-        } else {
-          for (int64_t j = 0; j < nk; ++j) {
-            const int64_t pos = j0 + j;
-            const int64_t block = table[pos / block_size], offset = pos % block_size;
-            load_f32(kp + block * kb + offset * kt + kvh * kh, kf.data() + j * head_dim, head_dim);
-          }
-          for (int64_t j = 0; j < nk; ++j) {
-            const int64_t pos = j0 + j;
-            const int64_t block = table[pos / block_size], offset = pos % block_size;
-            load_f32(vp + block * vb + offset * vt + kvh * vh, vf.data() + j * head_dim, head_dim);
-          }
+        // Keys past the tile's end point at its last key (finite scores, masked below).
+        for (int64_t j = 0; j < kKeyTile; ++j) {
+          krow[j] = krow_next[std::min<int64_t>(j, nk - 1)];
+          vrow[j] = vrow_next[std::min<int64_t>(j, nk - 1)];
         }
-        for (int64_t i = 0; i < nq; ++i) {
-          const int64_t visible = causal ? std::min<int64_t>(nk, first + i + shift + 1 - j0) : nk;
-          if (visible <= 0) continue;
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t r = i * group + g;
-            if (fast) {
+        if (j0 + kKeyTile < key_end) {
+          const int64_t n_next = std::min<int64_t>(kKeyTile, key_end - j0 - kKeyTile);
+          token_rows(kp, vp, table, block_size, kb, kt, vb, vt, j0 + kKeyTile, n_next, krow_next, vrow_next);
+          // Fetch the next tile's rows while this one is scored.
+          if (fast) fetch(krow_next, vrow_next, n_next);
+        }
+        for (int64_t hh = 0; hh < nh; ++hh) {
+          const int64_t kvh = h0 + hh;
+          if (fast) {
+            for (int64_t j = 0; j < kKeyTile; ++j) {
+              kptr[j] = krow[j] + kvh * kh;
+              vptr[j] = vrow[j] + kvh * vh;
+            }
+          } else {
+            for (int64_t j = 0; j < nk; ++j) load_f32(krow[j] + kvh * kh, kf.data() + j * head_dim, head_dim);
+            for (int64_t j = 0; j < nk; ++j) load_f32(vrow[j] + kvh * vh, vf.data() + j * head_dim, head_dim);
+          }
+          for (int64_t i = 0; i < nq; ++i) {
+            const int64_t visible = causal ? std::min<int64_t>(nk, first + i + shift + 1 - j0) : nk;
+            if (visible <= 0) continue;
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t r = hh * rows + i * group + g;
+              if (fast) {
 #ifdef APT_FAST
-              if constexpr (kFastType) {
+                if constexpr (kFastType) {
 #ifdef APT_BF16_DOT
-                if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
-                  if (bf16_dot) {
-                    const scalar_t* qrow = qp + (starts[s] + first + i) * qs0 + (kvh * group + g) * qs1;
-                    for (int64_t c = 0; c < kKeyTile; c += 16)
-                      scores16_bf16(qrow, kptr + c, head_dim, static_cast<float>(scale), scores.data() + c);
+                  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+                    if (bf16_dot) {
+                      const scalar_t* qrow = qp + (starts[s] + first + i) * qs0 + (kvh * group + g) * qs1;
+                      for (int64_t c = 0; c < kKeyTile; c += 16)
+                        scores16_bf16(qrow, kptr + c, head_dim, static_cast<float>(scale), scores.data() + c);
+                    }
                   }
+                  if (!bf16_dot)
+#endif
+                    for (int64_t c = 0; c < kKeyTile; c += 16)
+                      scores16(qf.data() + r * head_dim, kptr + c, head_dim, scores.data() + c);
                 }
-                if (!bf16_dot)
 #endif
-                  for (int64_t c = 0; c < kKeyTile; c += 16)
-                    scores16(qf.data() + r * head_dim, kptr + c, head_dim, scores.data() + c);
+              } else {
+                key_scores(qf.data() + r * head_dim, kf.data(), visible, head_dim, scores.data());
               }
-#endif
-            } else {
-              key_scores(qf.data() + r * head_dim, kf.data(), visible, head_dim, scores.data());
-            }
-            for (int64_t j = visible; j < kKeyTile; ++j) scores[j] = neg_inf;
-            Vec top_vec = Vec::loadu(scores.data());
-            for (int64_t c = Vec::size(); c < kKeyTile; c += Vec::size())
-              top_vec = at::vec::maximum(top_vec, Vec::loadu(scores.data() + c));
-            const float top = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); },
-                                                              top_vec);
-            const float m_new = std::max(m[r], top);
-            const float alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first tile
-            Vec sum_vec(0.f);
-            for (int64_t c = 0; c < kKeyTile; c += Vec::size()) {
-              Vec p = (Vec::loadu(scores.data() + c) - Vec(m_new)).exp_u20();
-              p.store(scores.data() + c);
-              sum_vec = sum_vec + p;
-            }
-            const float sum = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, sum_vec);
-            l[r] = l[r] * alpha + sum;
-            m[r] = m_new;
-            if (fast) {
+              for (int64_t j = visible; j < kKeyTile; ++j) scores[j] = neg_inf;
+              Vec top_vec = Vec::loadu(scores.data());
+              for (int64_t c = Vec::size(); c < kKeyTile; c += Vec::size())
+                top_vec = at::vec::maximum(top_vec, Vec::loadu(scores.data() + c));
+              const float top = at::vec::vec_reduce_all<float>(
+                  [](Vec x, Vec y) { return at::vec::maximum(x, y); }, top_vec);
+              const float m_new = std::max(m[r], top);
+              const float alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first tile
+              Vec sum_vec(0.f);
+              for (int64_t c = 0; c < kKeyTile; c += Vec::size()) {
+                Vec p = (Vec::loadu(scores.data() + c) - Vec(m_new)).exp_u20();
+                p.store(scores.data() + c);
+                sum_vec = sum_vec + p;
+              }
+              const float sum = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, sum_vec);
+              l[r] = l[r] * alpha + sum;
+              m[r] = m_new;
+              if (fast) {
 #ifdef APT_FAST
-              if constexpr (kFastType) accumulate_inplace(acc.data() + r * head_dim, alpha, scores.data(), vptr, visible, head_dim);
+                if constexpr (kFastType)
+                  accumulate_inplace(acc.data() + r * head_dim, alpha, scores.data(), vptr, visible, head_dim);
 #endif
-            } else {
-              scale_accumulate(acc.data() + r * head_dim, alpha, scores.data(), vf.data(), visible, head_dim);
+              } else {
+                scale_accumulate(acc.data() + r * head_dim, alpha, scores.data(), vf.data(), visible, head_dim);
+              }
             }
           }
         }
       }
-      for (int64_t i = 0; i < nq; ++i) {
-        const int64_t token = starts[s] + first + i;
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t r = i * group + g, head = kvh * group + g;
-          const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-          out_t* dst = op + token * os0 + head * os1;
-          const float* src = acc.data() + r * head_dim;
-          for (int64_t x = 0; x < head_dim; ++x) dst[x] = static_cast<out_t>(src[x] * inv);
-          if (lse != nullptr) lse[token * num_heads + head] = l[r] > 0.f ? m[r] + std::log(l[r]) : neg_inf;
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t token = starts[s] + first + i;
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t r = hh * rows + i * group + g, head = (h0 + hh) * group + g;
+            const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+            out_t* dst = op + token * os0 + head * os1;
+            const float* src = acc.data() + r * head_dim;
+            for (int64_t x = 0; x < head_dim; ++x) dst[x] = static_cast<out_t>(src[x] * inv);
+            if (lse != nullptr) lse[token * num_heads + head] = l[r] > 0.f ? m[r] + std::log(l[r]) : neg_inf;
+          }
         }
       }
     }

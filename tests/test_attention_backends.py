@@ -26,12 +26,23 @@ def reference_attention(q, k, v, scale, causal):  # type: ignore[no-untyped-def]
 
 # Head sizes that reach every path: the AVX-512 loop (16, 64, 128), bf16 dot products (64, 128), the
 # 16-wide tail (48) and the generic path (24).
-SHAPES = [(4, 4, 16, 4), (6, 2, 64, 32), (3, 1, 24, 1), (8, 2, 128, 16), (2, 2, 48, 16)]
+SHAPES = [(4, 4, 16, 4), (6, 2, 64, 32), (3, 1, 24, 1), (8, 2, 128, 16), (2, 2, 48, 16), (6, 3, 64, 32)]
+
+
+@pytest.fixture(params=[1, 2, 4], ids=lambda n: f"threads{n}")
+def threads(request):  # type: ignore[no-untyped-def]
+    """The kernel gives each work item all K/V heads of a query tile, or a run of them when there are too
+    few tiles for the threads: 1 thread takes the first, 2 and 4 split heads (3 K/V heads into runs of 2
+    and 1 with 2 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "block"), SHAPES)
-def test_variable_length_batch_reads_blocks_in_place(dtype, heads, kv_heads, dim, block) -> None:  # type: ignore[no-untyped-def]
+def test_variable_length_batch_reads_blocks_in_place(dtype, heads, kv_heads, dim, block, threads) -> None:  # type: ignore[no-untyped-def]
     # Head sizes cover each kernel path: AVX-512 in place (multiples of 16; bf16 dot products where a
     # multiple of 32 and the CPU has AVX512-BF16; 128 = two 64-wide accumulator passes, 48 a 16-wide
     # tail) and the generic converted path (24).

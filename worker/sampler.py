@@ -74,19 +74,20 @@ class Sampler:
             del history[seq.start_pos:]  # a re-prefill (after a preemption) feeds the tokens again
             history.extend(seq.token_ids)
         adjusted = [i for i, p in enumerate(params) if p.adjusts_logits]
-        raw = logits.float()
-        scores = raw
+        # Greedy rows are picked from the logits in their own dtype (a float32 copy of a bf16 batch cost
+        # a quarter of a millisecond at batch 16); rows that adjust or sample are made float32 first.
+        scores = logits
         if adjusted:
             for i in adjusted:
                 self._prompt_len.setdefault(seq_ids[i], len(self._history[seq_ids[i]]))
-            scores = raw.clone()
+            scores = logits.float().clone()
             scores[adjusted] = adjust_logits(
-                raw[adjusted], [self._history[seq_ids[i]] for i in adjusted],
+                scores[adjusted], [self._history[seq_ids[i]] for i in adjusted],
                 [self._prompt_len[seq_ids[i]] for i in adjusted], [params[i] for i in adjusted], self.eos_token_ids,
             )
         tokens = self.sample(scores, seq_ids, params)
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-        logprobs = token_logprobs(raw, tokens, wanted, [params[i].logprobs or 0 for i in wanted]) if wanted else None
+        logprobs = token_logprobs(logits, tokens, wanted, [params[i].logprobs or 0 for i in wanted]) if wanted else None
         prompt = self._prompt.compute(plan, prompt_logits) if prompt_logits is not None else None
         return SampledTokens(tokens, logprobs, prompt)
 
@@ -96,14 +97,13 @@ class Sampler:
         return self._seeded[seq_id]
 
     def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams]) -> list[int]:
-        """One token id per row of `logits` `[B, vocab]`."""
-        logits = logits.float()
+        """One token id per row of `logits` `[B, vocab]` (any float dtype; sampled rows in float32)."""
         tokens = greedy_tokens(logits)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
             return tokens.tolist()
         chosen = [params[i] for i in rows]
-        probs = filtered_probs_batch(logits[rows], chosen)
+        probs = filtered_probs_batch(logits[rows].float(), chosen)
         noise = torch.empty_like(probs)
         unseeded = [j for j, p in enumerate(chosen) if p.seed is None]
         if unseeded:

@@ -33,9 +33,9 @@ class LlamaDecoderLayer(nn.Module):
         self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), ctx)
+        h = self.self_attn(self.input_layernorm(h), ctx, residual=h)
         gate, up = self.gate_up_proj(self.post_attention_layernorm(h)).split(self.intermediate_size, dim=-1)
-        return h + self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate) * up, residual=h)
 
 
 class LlamaForCausalLM(CausalLM):

@@ -24,8 +24,8 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = h + self.self_attn(self.self_attn_layer_norm(h), ctx)
-        return h + self.fc2(self.fc1(self.final_layer_norm(h)))
+        h = self.self_attn(self.self_attn_layer_norm(h), ctx, residual=h)
+        return self.fc2(self.fc1(self.final_layer_norm(h)), residual=h)
 
 
 class OPTForCausalLM(CausalLM):

@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 from pathlib import Path
 
 from bench.datasets import Sample
-from bench.engine_throughput import ENGINE_ENV
 from bench.load_client import run_trace
 from bench.serve_bench import System, running_server
 
@@ -61,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     args.ttft_slo = args.tbt_slo = None
     args.max_model_len, args.start_timeout, args.set = 1024, 300.0, []
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"] - 1
-    os.environ.update(ENGINE_ENV)  # the allocator settings `make serve` uses (both servers get them)
     results: dict[str, dict[str, float]] = {}
     warmup = [Sample([11] * args.prompt_len, args.prompt_len, 8)] * 4  # type: ignore[list-item]
     for round_ in range(args.rounds):

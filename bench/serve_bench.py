@@ -33,6 +33,7 @@ import httpx
 
 from bench.bench_plots import plot_attainment, plot_ttft_cdf
 from bench.datasets import load_samples
+from bench.engine_throughput import ENGINE_ENV
 from bench.load_client import run_trace
 from bench.server_metrics import counters_since, scrape_metrics, time_split, time_split_table
 from bench.slo_metrics import SLO, RequestRecord, bisect_rate, effective_throughput, percentile, summarize
@@ -86,7 +87,8 @@ class System:
 
 
 def _environment(system: System, threads: int) -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # Both servers get the allocator settings `make serve` uses (ENGINE_ENV, docs/BENCHMARKS.md "Engine speed").
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false") | ENGINE_ENV
     if system.is_vllm:  # docs/BENCHMARK_METHOD.md: loopback, both cores, a private cache
         env |= {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
                 "VLLM_CACHE_ROOT": str(REPO / ".vllm-cache"), "VLLM_TARGET_DEVICE": "cpu"}

@@ -3,6 +3,10 @@
     aptserve replay --model DIR --dataset sharegpt|humaneval|synthetic:P:O|FILE --rate R --cv C \\
         --policy apt|fcfs --cache kv|hybrid --num-blocks N --duration S [--json out.json]
 
+`--requests N --warmup 4` replays exactly the trace of one `aptserve bench` probe (its samples, arrivals
+and warm-up) with no server and no load client, which separates the engine's share of a served result
+from the serving path's (docs/BENCHMARKS.md, "Again with the one-process runtime").
+
 Requests arrive at their trace times (Gamma gaps, docs/BENCHMARK_METHOD.md); each is stamped with its scheduled
 arrival, so time spent waiting for the engine's current step counts against its TTFT. Output lengths
 come from the dataset and are enforced (`max_tokens` = the reference length, `ignore_eos`). A request
@@ -22,6 +26,7 @@ from tqdm import tqdm
 from bench.datasets import Sample, load_samples
 from bench.slo_metrics import SLO, RequestRecord, summarize
 from bench.traces import arrival_times
+from cluster.cli import config_overrides
 from cluster.config import DEFAULT_CONFIG, AptServeConfig, load_config
 from cluster.engine_builder import build_engine
 from hybrid_cache.plan import SamplingParams
@@ -88,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="sharegpt")
     parser.add_argument("--rate", type=float, required=True, help="mean requests per second")
     parser.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of the gaps")
-    parser.add_argument("--duration", type=float, required=True, help="seconds of trace")
+    length = parser.add_mutually_exclusive_group(required=True)
+    length.add_argument("--duration", type=float, help="seconds of trace")
+    length.add_argument("--requests", type=int,
+                        help="this many requests, drawn as `aptserve bench` draws a probe's (samples, arrivals)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="first send the first N samples at once and wait for them (as `aptserve bench` warms up)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--policy", choices=["fcfs", "apt"], default="fcfs")
     parser.add_argument("--cache", choices=["kv", "hybrid"], default="kv")
@@ -101,28 +111,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompt", type=int, default=512)
     parser.add_argument("--max-output", type=int, default=256)
     parser.add_argument("--json", type=Path, help="write the summary and per-request records here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     args = parser.parse_args(argv)
 
-    overrides = {"model.path": args.model, "scheduler.policy": args.policy, "scheduler.cache_mode": args.cache,
-                 "scheduler.ttft_slo_s": args.ttft_slo, "scheduler.tbt_slo_s": args.tbt_slo}
-    if args.num_blocks:
-        overrides["cache.num_blocks"] = args.num_blocks
+    overrides = config_overrides(args) | {"scheduler.ttft_slo_s": args.ttft_slo, "scheduler.tbt_slo_s": args.tbt_slo}
     if args.block_size:
         overrides["cache.block_size"] = args.block_size
-    if args.dtype:
-        overrides["model.dtype"] = args.dtype
     config: AptServeConfig = load_config(args.config, overrides)
     engine, tokenizer = build_engine(config)
     if tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer: replay needs one to measure prompts")
-    # Enough requests for the duration at the mean rate, cut by the trace times.
-    arrivals = arrival_times(args.rate, args.cv, max(1, int(args.rate * args.duration * 1.5) + 10), args.seed)
-    arrivals = [t for t in arrivals if t <= args.duration]
+    if args.requests:
+        arrivals = arrival_times(args.rate, args.cv, args.requests, args.seed)
+    else:  # enough requests for the duration at the mean rate, cut by the trace times
+        arrivals = arrival_times(args.rate, args.cv, max(1, int(args.rate * args.duration * 1.5) + 10), args.seed)
+        arrivals = [t for t in arrivals if t <= args.duration]
     samples = load_samples(args.dataset, tokenizer.encode, len(arrivals), args.seed,
                            max_prompt=args.max_prompt, max_output=args.max_output)
     slo = SLO(ttft_s=args.ttft_slo, tbt_s=args.tbt_slo)
+    if args.warmup:
+        replay(engine, tokenizer.encode, samples[: args.warmup], [0.0] * args.warmup, slo, args.grace)
     records, wall = replay(engine, tokenizer.encode, samples, arrivals, slo, args.grace)
-    summary = summarize(records, slo, args.duration)
+    summary = summarize(records, slo, args.duration or (arrivals[-1] if arrivals else 0.0))
     stats = engine.stats()
     summary |= {"policy": args.policy, "cache": args.cache, "rate": args.rate, "cv": args.cv, "seed": args.seed,
                 "wall_seconds": wall, "num_blocks": stats.cache.num_blocks, "preemptions": stats.num_preemptions,

@@ -11,7 +11,8 @@ from dataclasses import asdict
 from cluster.config import API_KEY_ENV, DEFAULT_CONFIG, load_config, with_overrides
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, str]:
+def config_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """Dotted config overrides from `--set KEY=VALUE` and the shorthand flags a command defines."""
     pairs = {}
     for item in args.set or []:
         if "=" not in item:
@@ -51,7 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from cluster.llm import LLM
     from hybrid_cache.plan import SamplingParams
 
-    config = load_config(args.config, _overrides(args))
+    config = load_config(args.config, config_overrides(args))
     llm = LLM(config.model.path, config=config)
     if llm.tokenizer is None:
         raise SystemExit(f"{config.model.path} has no tokenizer: `aptserve generate` needs text prompts")
@@ -73,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    config = load_config(args.config, _overrides(args))
+    config = load_config(args.config, config_overrides(args))
     if args.api_key:  # set as typed: a key must not be read as a YAML scalar (`123`, `yes`)
         config = with_overrides(config, {"server.api_key": args.api_key})
     name = config.model_name

@@ -31,3 +31,23 @@ def test_replay_records_every_request(tiny_opt_with_tokenizer: Path, tmp_path: P
     assert summary["step_seconds"]["model"] > 0 and summary["step_seconds"]["scheduling"] > 0
     if cache == "hybrid":
         assert summary["tokens_by_cache_type"]["kv"] + summary["tokens_by_cache_type"]["hidden"] > 0
+
+
+def test_replay_of_a_bench_probe_uses_its_arrivals_and_warms_up_first(
+    tiny_opt_with_tokenizer: Path, tmp_path: Path
+) -> None:
+    from bench.traces import arrival_times
+
+    out = tmp_path / "replay.json"
+    code = replay_main([
+        "--model", str(tiny_opt_with_tokenizer), "--dataset", "synthetic:24:16", "--rate", "20", "--cv", "2",
+        "--requests", "12", "--warmup", "2", "--num-blocks", "24", "--block-size", "4",
+        "--set", "scheduler.max_num_seqs=4", "--json", str(out),
+    ])
+    assert code == 0
+    result = json.loads(out.read_text())
+    records = result["records"]
+    assert [r["arrival"] for r in records] == pytest.approx(arrival_times(20, 2, 12, 0))
+    # The engine generated the trace's tokens plus the warm-up's (2 requests of 16).
+    generated = sum(result["summary"]["tokens_by_cache_type"].values())
+    assert generated == sum(r["output_len"] for r in records) + 2 * 16

@@ -197,12 +197,13 @@ inline void token_rows(const T* k, const T* v, const int32_t* table, int64_t blo
   }
 }
 
-// Fetch `bytes` from each of `n` K and V rows into L1 ahead of use.
+// Fetch `bytes` from each of `n` K and V rows, starting `koff` / `voff` elements in, into L1 ahead of use.
 template <typename T>
-inline void prefetch_rows(const T* const* krow, const T* const* vrow, int64_t n, int64_t bytes) {
+inline void prefetch_rows(const T* const* krow, const T* const* vrow, int64_t koff, int64_t voff, int64_t n,
+                          int64_t bytes) {
   for (int64_t j = 0; j < n; ++j) {
-    const char* kr = reinterpret_cast<const char*>(krow[j]);
-    const char* vr = reinterpret_cast<const char*>(vrow[j]);
+    const char* kr = reinterpret_cast<const char*>(krow[j] + koff);
+    const char* vr = reinterpret_cast<const char*>(vrow[j] + voff);
     for (int64_t b = 0; b < bytes; b += 64) {
       // (asm: GCC drops a loop of nothing but __builtin_prefetch as free of side effects)
       asm volatile("prefetcht0 %0" : : "m"(*(kr + b)));
@@ -275,6 +276,9 @@ void paged_attention_impl(
 #ifdef APT_BF16_DOT
   const bool bf16_dot = std::is_same<scalar_t, c10::BFloat16>::value && head_dim % 32 == 0;
 #endif
+  // An item's heads are one run of bytes in a token's cache row when heads are contiguous (always, in our
+  // cache layout): the fast path prefetches that run for the next key tile.
+  const bool prefetch = fast && kh == head_dim && vh == head_dim;
 
   std::atomic<int64_t> next_item{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
@@ -300,20 +304,7 @@ void paged_attention_impl(
       const int64_t shift = causal ? nkv - qlens[s] : nkv;  // query i sees keys j <= i + shift (all if !causal)
       const int32_t* table = tables + s * table_stride;
       const int64_t rows = nq * group;  // per K/V head
-      // The rows of this item's heads are contiguous in a token's cache row when the heads are.
-      const bool heads_contiguous = kh == head_dim && vh == head_dim;
-      const int64_t fetch_bytes = (heads_contiguous ? nh : 1) * head_dim * static_cast<int64_t>(sizeof(scalar_t));
-      auto fetch = [&](const scalar_t* const* kr, const scalar_t* const* vr, int64_t n) {
-        if (heads_contiguous) {
-          const scalar_t* ks[kKeyTile];
-          const scalar_t* vs[kKeyTile];
-          for (int64_t j = 0; j < n; ++j) {
-            ks[j] = kr[j] + h0 * kh;
-            vs[j] = vr[j] + h0 * vh;
-          }
-          prefetch_rows(ks, vs, n, fetch_bytes);
-        }
-      };
+      const int64_t fetch_bytes = nh * head_dim * static_cast<int64_t>(sizeof(scalar_t));
       for (int64_t hh = 0; hh < nh; ++hh) {
         const int64_t kvh = h0 + hh;
         for (int64_t i = 0; i < nq; ++i) {
@@ -331,7 +322,8 @@ void paged_attention_impl(
       if (key_end > 0) {
         token_rows(kp, vp, table, block_size, kb, kt, vb, vt, 0, std::min<int64_t>(kKeyTile, key_end), krow_next,
                    vrow_next);
-        if (fast) fetch(krow_next, vrow_next, std::min<int64_t>(kKeyTile, key_end));
+        if (prefetch)
+          prefetch_rows(krow_next, vrow_next, h0 * kh, h0 * vh, std::min<int64_t>(kKeyTile, key_end), fetch_bytes);
       }
       for (int64_t j0 = 0; j0 < key_end; j0 += kKeyTile) {
         const int64_t nk = std::min<int64_t>(kKeyTile, key_end - j0);
@@ -344,7 +336,7 @@ void paged_attention_impl(
           const int64_t n_next = std::min<int64_t>(kKeyTile, key_end - j0 - kKeyTile);
           token_rows(kp, vp, table, block_size, kb, kt, vb, vt, j0 + kKeyTile, n_next, krow_next, vrow_next);
           // Fetch the next tile's rows while this one is scored.
-          if (fast) fetch(krow_next, vrow_next, n_next);
+          if (prefetch) prefetch_rows(krow_next, vrow_next, h0 * kh, h0 * vh, n_next, fetch_bytes);
         }
         for (int64_t hh = 0; hh < nh; ++hh) {
           const int64_t kvh = h0 + hh;

@@ -80,7 +80,7 @@ class Sampler:
         if adjusted:
             for i in adjusted:
                 self._prompt_len.setdefault(seq_ids[i], len(self._history[seq_ids[i]]))
-            scores = logits.float().clone()
+            scores = logits.to(torch.float32, copy=True)
             scores[adjusted] = adjust_logits(
                 scores[adjusted], [self._history[seq_ids[i]] for i in adjusted],
                 [self._prompt_len[seq_ids[i]] for i in adjusted], [params[i] for i in adjusted], self.eos_token_ids,

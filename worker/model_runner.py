@@ -17,6 +17,7 @@ from worker.cost_model import profile_recompute, profile_step_time, step_profile
 from worker.cuda_graphs import make_decode_graphs
 from worker.loader import load_model
 from worker.models import ForwardContext
+from worker.openmp import release_openmp_team
 from worker.parallel import SINGLE, TensorParallel
 from worker.prompt_logprobs import prompt_rows
 from worker.sampler import Sampler
@@ -70,6 +71,8 @@ class ModelRunner:
         )
         self.step_cost = self._profile_steps(cache.profile_repeats)
         self.cache.workspace.timer.reset()  # the step-time split counts served steps only
+        # Servers step on another thread than this one: two OpenMP teams would slow every kernel.
+        release_openmp_team()
 
     def info(self) -> WorkerInfo:
         spec = self.model.spec

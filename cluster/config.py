@@ -27,8 +27,8 @@ class ServerConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
     grpc_port: int = Field(9000, ge=0, le=65535, description="gRPC port")
     runtime: Literal["ray", "process"] = Field(
-        "ray", description="ray: Ray Serve ingress and engine replica actors; process: engine, HTTP and gRPC in the "
-        "`aptserve serve` process, without Ray Serve (one replica; docs/DEPLOY.md, \"Runtime\")"
+        "ray", description="ray: Ray Serve ingress and engine replica actors; process: without Ray, HTTP and gRPC in "
+        "the `aptserve serve` process and the engine in one child process (one replica; docs/DEPLOY.md, \"Runtime\")"
     )
     ingress: Literal["direct", "proxy"] = Field(
         "direct", description="direct: each ingress replica listens on the ports itself; proxy: Ray Serve's proxies do"

@@ -1,6 +1,7 @@
 """The caller's side of a remote engine: per-request token streams over one long-poll loop.
 
-`EngineClient` wraps a Ray actor hosting `scheduler_service.engine_service.EngineService`. Each
+`EngineClient` wraps a handle to a `scheduler_service.engine_service.EngineService`: a Ray actor's, or
+the engine process's `EngineConnection` (`cluster/engine_process.py`), whose calls look alike. Each
 `generate` returns an async iterator of RequestOutputs, like `AsyncEngine.generate`; one background
 task per client polls the actor and hands every output delta to its request's stream, which rebuilds
 the full output (`OutputAssembler`).

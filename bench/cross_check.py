@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     dataset = args.out / "prompts.jsonl"
     dataset.write_text("".join(json.dumps({"prompt": s.prompt, "output_tokens": s.output_len}) + "\n"
                                for s in samples))
-    with running_server(system, args, args.out, warmup=samples[:4]) as base:
+    with running_server(system, args, args.out, warmup=samples[:4]) as server:
         arrivals = arrival_times(rate, args.cv, args.requests, args.seed)
-        records = asyncio.run(run_trace(base, "bench", samples, arrivals, args.grace, desc=f"ours @ {rate:g}"))
+        records = asyncio.run(run_trace(server.base, "bench", samples, arrivals, args.grace, desc=f"ours @ {rate:g}"))
         ours = summarize(records, SLO(args.ttft_slo, args.tbt_slo), arrivals[-1])
-        theirs = vllm_bench_serve(base, dataset, args, rate, args.out)
+        theirs = vllm_bench_serve(server.base, dataset, args, rate, args.out)
     pairs = {"ttft_p50_s": (ours["ttft_p50_s"], theirs["median_ttft_ms"] / 1000),
              "tpot_p50_s": (ours["tpot_p50_s"], theirs["median_tpot_ms"] / 1000)}
     report = {"system": system.spec, "rate": rate, "cv": args.cv, "requests": args.requests,

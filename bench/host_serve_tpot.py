@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.rounds):
         for spec in args.systems.split(","):
             system = System(spec)
-            with running_server(system, args, args.out, warmup) as base:
+            with running_server(system, args, args.out, warmup) as server:
                 for b in range(args.bursts):
-                    got = burst(base, args.streams, args.prompt_len, args.output_len, vocab, seed=b)
+                    got = burst(server.base, args.streams, args.prompt_len, args.output_len, vocab, seed=b)
                     print(f"round {round_ + 1} {system.name} burst {b + 1}: TPOT {got['tpot_s'] * 1e3:.1f} ms, "
                           f"TTFT {got['ttft_s']:.2f} s", flush=True)
                     best = results.get(system.name)

@@ -37,6 +37,8 @@ from bench.engine_throughput import ENGINE_ENV
 from bench.load_client import run_trace
 from bench.server_metrics import counters_since, scrape_metrics, time_split, time_split_table
 from bench.slo_metrics import SLO, RequestRecord, bisect_rate, effective_throughput, percentile, summarize
+from bench.thread_stats import ThreadStats
+from bench.thread_stats import usage as thread_usage
 from bench.traces import arrival_times
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,11 +139,17 @@ def load_records(path: Path) -> list[RequestRecord]:
     return [RequestRecord(**record) for record in json.loads(path.read_text())["records"]]
 
 
+@dataclass(frozen=True)
+class RunningServer:
+    base: str  # its URL
+    pid: int  # its process (the root of its process tree)
+
+
 @contextmanager
-def running_server(system: System, args: argparse.Namespace, out: Path, warmup: Sequence) -> Iterator[str]:
+def running_server(system: System, args: argparse.Namespace, out: Path, warmup: Sequence) -> Iterator[RunningServer]:
     """Start `system` on 127.0.0.1:`args.port` (its log in `out`), wait until healthy, warm it up with
-    `warmup` samples sent at once, and yield its base URL; afterwards stop it with SIGINT, the clean
-    shutdown (Serve, engines, Ray)."""
+    `warmup` samples sent at once, and yield it; afterwards stop it with SIGINT, the clean shutdown
+    (Serve, engines, Ray)."""
     port = args.port
     _check_free(port, port + 1)
     log = (out / f"{system.name}.log").open("w")
@@ -151,7 +159,7 @@ def running_server(system: System, args: argparse.Namespace, out: Path, warmup: 
     try:
         wait_healthy(base, process, args.start_timeout)
         asyncio.run(run_trace(base, "bench", warmup, [0.0] * len(warmup), grace_s=300, desc="warm-up"))
-        yield base
+        yield RunningServer(base, process.pid)
     finally:
         process.send_signal(2)
         try:
@@ -162,15 +170,19 @@ def running_server(system: System, args: argparse.Namespace, out: Path, warmup: 
 
 
 def measure_system(system: System, args: argparse.Namespace, samples, slo: SLO, out: Path) -> dict:  # noqa: ANN001
-    with running_server(system, args, out, warmup=samples[:4]) as base:
+    with running_server(system, args, out, warmup=samples[:4]) as server:
+        base = server.base
         probes: dict[float, dict] = {}
         records: list[RequestRecord] = []  # every probe's, for the time split
 
         def probe(rate: float) -> float:
             arrivals = arrival_times(rate, args.cv, args.requests, args.seed)
+            threads_before, start = ThreadStats.of(server.pid), time.monotonic()
             probe_records = asyncio.run(run_trace(base, "bench", samples, arrivals, args.grace,
                                                   desc=f"{system.spec} @ {rate:.3g} req/s"))
-            summary = summarize(probe_records, slo, arrivals[-1])
+            # the server's threads over the probe: the serving machinery's share of the cores
+            threads = thread_usage(threads_before, ThreadStats.of(server.pid), time.monotonic() - start)
+            summary = summarize(probe_records, slo, arrivals[-1]) | {"threads": threads}
             probes[rate] = summary
             records.extend(probe_records)
             probe_file(out, system.spec, rate).write_text(

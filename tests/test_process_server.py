@@ -86,7 +86,8 @@ def test_serve_command_runs_one_process_that_answers_http_and_grpc_and_stops_on_
 
 def test_a_dead_engine_process_ends_its_streams_and_the_server(tiny_opt_with_tokenizer: Path) -> None:
     overrides = {"model.path": str(tiny_opt_with_tokenizer), "server.runtime": "process",
-                 "server.port": free_port(), "server.grpc_port": free_port(), "server.served_model_name": MODEL} | CACHE | {"cache.num_blocks": 512}
+                 "server.port": free_port(), "server.grpc_port": free_port(),
+                 "server.served_model_name": MODEL} | CACHE | {"cache.num_blocks": 512}
     with pytest.raises(ValueError, match="one engine replica"):
         ProcessServer(load_config(overrides=overrides | {"parallel.replicas": 2}))
     server = ProcessServer(load_config(overrides=overrides))

@@ -38,9 +38,9 @@ def test_a_busy_thread_and_a_sleeping_thread_are_told_apart() -> None:
             process.kill()
         parent.wait()
     assert rows, "the grandchild's threads were not found"
-    busy, *rest = rows
-    assert busy["cores"] > 0.3 and busy["sleeps_per_s"] < 50  # the spinning main thread of the grandchild
-    assert busy["pid"] != parent.pid  # found through the process tree
-    assert any(row["sleeps_per_s"] > 100 for row in rest)  # the 1-ms sleeper
+    busy, *rest = rows  # the spinning main thread of the grandchild, found through the process tree
+    assert busy["cores"] > 0.3 and busy["pid"] != parent.pid
+    sleeper = max(rest, key=lambda row: row["sleeps_per_s"])  # it sleeps 1 ms at a time
+    assert sleeper["sleeps_per_s"] > 100 and sleeper["sleeps_per_s"] > 3 * busy["sleeps_per_s"]
     assert "cores" in describe(rows)
     assert ThreadStats.of(2**22 + 7) == {}  # no such process

@@ -6,10 +6,9 @@ stops spinning between parallel regions (its "throttled" wait: a few hundred ite
 futex), so every kernel starts by waking its workers and ends with them waiting for each other.
 
 That happens whenever the model is loaded on one thread and stepped on another: the engine loop thread
-of a server, a tensor-parallel rank's step channel. Measured served on the 2-core development machine
-(docs/BENCHMARKS.md, "Engine speed under serving load"): the stepping thread slept ~1,300 times a second,
-its worker ~2,500 times, and the model took 4.1–4.3 ms per generated token against 3.3 ms for the
-same trace stepped on the loading thread.
+of a server, a tensor-parallel rank's step channel. Served on the 2-core development machine the
+stepping thread slept ~1,500 times a second and its worker ~2,600 times; after the hand-over, under 25
+(docs/BENCHMARKS.md, "Engine speed under serving load").
 """
 
 from __future__ import annotations

@@ -208,6 +208,8 @@ class EngineConnection:
                         future.set_exception(value)
         except (asyncio.IncompleteReadError, ConnectionError) as err:
             self._fail(f"lost the engine process: {err!r}")
+        except Exception as err:  # noqa: BLE001 - an answer that does not unpickle: no call may wait forever
+            self._fail(f"an unreadable answer from the engine process: {err!r}")
 
     def _fail(self, message: str) -> None:
         self._lost = EngineProcessError(message)

@@ -17,6 +17,13 @@ from scheduler_service.engine import QueueFull
 from worker.openmp import release_openmp_team
 
 
+class TwoPartError(Exception):
+    """Pickles, but does not unpickle (its constructor wants two arguments, its args hold one)."""
+
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(f"{what}: {why}")
+
+
 class FakeService:
     """Answers like an `EngineService`; `poll` waits until `release` is set."""
 
@@ -45,6 +52,8 @@ class FakeService:
         return True
 
     async def model_info(self) -> dict[str, int]:
+        if self.added == ["broken"]:
+            raise TwoPartError("model_info", "broken")
         return {"max_model_len": 64, "vocab_size": 100}
 
 
@@ -93,6 +102,19 @@ def test_a_lost_engine_fails_every_pending_and_later_call(tmp_path: Path) -> Non
             await asyncio.wait_for(poll, 10)
         with pytest.raises(EngineProcessError):
             await engine.health.remote()
+
+    asyncio.run(main())
+
+
+def test_an_answer_that_does_not_unpickle_fails_the_calls_instead_of_hanging(tmp_path: Path) -> None:
+    async def main() -> None:
+        server, engine = await _serving(tmp_path, FakeService())
+        async with server:
+            await engine.add_request.remote("c", "broken", [1])
+            with pytest.raises(EngineProcessError, match="unreadable answer"):
+                await asyncio.wait_for(engine.model_info.remote(), 10)
+            with pytest.raises(EngineProcessError):
+                await engine.health.remote()
 
     asyncio.run(main())
 

@@ -247,13 +247,15 @@ class EngineProcess:
         self.connection = EngineConnection(address)
 
     def _wait_ready(self) -> tuple[str, Any]:
-        while not self._control.poll(1.0):
-            if not self.process.is_alive():
-                return "failed", f"it exited with status {self.process.exitcode}"
-        try:
-            return self._control.recv()
-        except EOFError:
-            return "failed", f"it exited with status {self.process.join(5) or self.process.exitcode}"
+        """The child's `("ready", model info)` or `("failed", why)`; if it exits without a word, how it exited."""
+        while self.process.is_alive() or self._control.poll(0):
+            if self._control.poll(1.0):
+                try:
+                    return self._control.recv()
+                except EOFError:  # its end closed: it exited
+                    break
+        self.process.join(5)
+        return "failed", f"it exited with status {self.process.exitcode}"
 
     def alive(self) -> bool:
         return self.process.is_alive()

@@ -9,10 +9,11 @@ bytes of weights one step reads divided by the read bandwidth measured here (and
 GEMM time at the measured peak FLOP rate).
 
     flock /tmp/bench.lock .venv/bin/python -m bench.engine_throughput [--batches 1,16,64] \
-        [--dtypes float32,bfloat16] [--systems aptserve,aptserve-reference,vllm,transformers] [--repeats 2]
+        [--dtypes float32,bfloat16] [--systems aptserve,aptserve-onednn,aptserve-reference,vllm,transformers] [--repeats 2]
 
 `aptserve-reference` is our engine with the `torch` attention backend and `F.linear` (no prepacking):
-the engine as it was before the kernels. Our cells run with glibc's mmap/trim thresholds raised, as
+the engine as it was before the kernels. `aptserve-onednn` is our engine with every GEMM on oneDNN
+(`model.amx: false`): the A/B of our AMX GEMM kernel, which bf16 cells use where the CPU has AMX. Our cells run with glibc's mmap/trim thresholds raised, as
 `make serve` does (ENGINE_ENV in the Makefile).
 """
 
@@ -32,7 +33,7 @@ DEFAULT_MODEL = REPO / "data/models/dummy-opt-125m"
 TOKENIZER_DIR = REPO / "data/models/SmolLM2-135M-Instruct"
 PEER_PYTHON = REPO / ".venv-vllm/bin/python"
 ENGINE_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
-SYSTEMS = ("aptserve", "aptserve-reference", "vllm", "transformers")
+SYSTEMS = ("aptserve", "aptserve-onednn", "aptserve-reference", "vllm", "transformers")
 
 
 def ensure_dummy(path: Path) -> Path:
@@ -50,13 +51,14 @@ def make_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[in
 
 
 # -- one cell, in a fresh process -------------------------------------------------------------------
-def _cell_ours(model: Path, dtype: str, prompts: list[list[int]], output_len: int, reference: bool) -> dict:
+def _cell_ours(model: Path, dtype: str, prompts: list[list[int]], output_len: int, variant: str) -> dict:
     from cluster import LLM, SamplingParams
     from cluster.config import load_config, with_overrides
 
     longest = max(len(p) for p in prompts) + output_len
-    overrides = {"cache.attention_backend": "torch" if reference else "cpu_paged",
-                 "model.prepack": not reference, "scheduler.max_waiting": None}
+    reference = variant == "aptserve-reference"
+    overrides = {"cache.attention_backend": "torch" if reference else "cpu_paged", "model.prepack": not reference,
+                 "model.amx": variant == "aptserve", "scheduler.max_waiting": None}
     llm = LLM(str(model), dtype=dtype, block_size=32, num_blocks=len(prompts) * (-(-longest // 32)) + 8,
               cache_mode="kv", max_num_seqs=len(prompts), config=with_overrides(load_config(), overrides))
 
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cell == "transformers":
             result = _cell_transformers(args.model, dtypes[0], prompts, args.output_len)
         else:
-            result = _cell_ours(args.model, dtypes[0], prompts, args.output_len, args.cell == "aptserve-reference")
+            result = _cell_ours(args.model, dtypes[0], prompts, args.output_len, args.cell)
         print(json.dumps(result))
         return 0
 

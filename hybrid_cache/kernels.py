@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = [REPO / "csrc" / "paged_attention.cpp", REPO / "csrc" / "cache_ops.cpp"]
+SOURCES = [REPO / "csrc" / "paged_attention.cpp", REPO / "csrc" / "cache_ops.cpp", REPO / "csrc" / "amx_linear.cpp"]
 BUILD_DIR = Path(os.environ.get("APTSERVE_BUILD_DIR", REPO / "build" / "kernels"))
 
 _loaded: Path | None = None
@@ -40,7 +40,10 @@ def _cpu_flags() -> list[str]:
         avx512 = ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
                   "-mavx512dq", "-mfma", "-mf16c"]
         # Native bf16 dot products (VDPBF16PS) for bf16 attention scores; without it the kernel converts.
-        return avx512 + (["-mavx512bf16"] if "avx512_bf16" in flags else [])
+        bf16 = ["-mavx512bf16"] if "avx512_bf16" in flags else []
+        # AMX tiles for bf16 linear layers (csrc/amx_linear.cpp); without them oneDNN runs every GEMM.
+        amx = ["-mamx-tile", "-mamx-bf16"] if bf16 and {"amx_tile", "amx_bf16"} <= flags else []
+        return avx512 + bf16 + amx
     if {"avx2", "fma"} <= flags:
         return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
     return []
@@ -113,6 +116,17 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(dim=-1)
     load()
     return torch.ops.aptserve.greedy_tokens(logits)
+
+
+def amx_fits(weight: torch.Tensor) -> bool:
+    """Whether our AMX GEMM (csrc/amx_linear.cpp) can run `weight` `[out, in]`: a bf16 CPU weight whose
+    shape fits whole tiles (out % 16, in % 32), on a CPU with AMX tiles that Linux lets this process use."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2:
+        return False
+    if weight.shape[0] % 16 or weight.shape[1] % 32:
+        return False
+    load()
+    return bool(torch.ops.aptserve.amx_available())
 
 
 if __name__ == "__main__":

@@ -38,16 +38,21 @@ def teacher_forced_logits(runner: ModelRunner, tokens: list[int], cache_type: Ca
 
 @pytest.mark.parametrize("name", ["opt", "llama"])
 @pytest.mark.parametrize("cache_type", [CacheType.KV, CacheType.HIDDEN])
-def test_bfloat16_logits_close_to_float32(tiny_models: dict[str, Path], name: str, cache_type: CacheType) -> None:
+@pytest.mark.parametrize("amx", [True, False], ids=["amx-gemm", "onednn-gemm"])
+def test_bfloat16_logits_close_to_float32(
+    tiny_models: dict[str, Path], name: str, cache_type: CacheType, amx: bool
+) -> None:
     rng = random.Random(3)
     tokens = [rng.randrange(3, VOCAB) for _ in range(PROMPT_LEN + FORCED)]
     with torch.no_grad():
         ref32 = make_hf_model(name)(torch.tensor([tokens])).logits[0, PROMPT_LEN - 1 :].double()
         ref16 = make_hf_model(name, torch.bfloat16)(torch.tensor([tokens])).logits[0, PROMPT_LEN - 1 :].double()
     runner = ModelRunner(
-        ModelConfig(path=str(tiny_models[name]), dtype="bfloat16"),
+        ModelConfig(path=str(tiny_models[name]), dtype="bfloat16", amx=amx),
         CacheConfig(block_size=4, num_blocks=64, recompute_chunk_tokens=8),
     )
+    # Every tiny shape fits AMX tiles: where the CPU has AMX, all GEMMs run on our kernel.
+    assert runner.describe()["gemm_kernels"] == ("amx" if amx and torch.ops.aptserve.amx_available() else "onednn")
     ours = teacher_forced_logits(runner, tokens, cache_type).double()
     hf_error = (ref16 - ref32).abs().max().item()
     our_error = (ours - ref32).abs().max().item()

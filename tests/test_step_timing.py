@@ -83,4 +83,4 @@ def test_backend_is_reported(tiny_models: dict[str, Path]) -> None:
         CacheConfig(block_size=4, num_blocks=16, attention_backend="cpu_paged"),
     )
     assert runner.backend.name == "cpu_paged"
-    assert runner.describe() == {"attention_backend": "cpu_paged", "prepacked_gemms": True}
+    assert runner.describe() == {"attention_backend": "cpu_paged", "gemm_kernels": "onednn"}  # float32: oneDNN

@@ -16,7 +16,11 @@ class ModelConfig(BaseModel):
     seed: int = Field(0, description="seed of the shared sampling generator")
     num_threads: int | None = Field(None, gt=0, description="torch compute threads; None keeps torch's default")
     prepack: bool = Field(
-        True, description="reorder GEMM weights once at load for oneDNN (CPU, float32/bfloat16); false: F.linear"
+        True, description="lay out GEMM weights once at load for a fast CPU kernel (float32/bfloat16); false: F.linear"
+    )
+    amx: bool = Field(
+        True, description="prepacked bf16 GEMMs run on our AMX kernel where the CPU has AMX and the shape fits its "
+        "tiles; false: oneDNN for all (docs/ARCHITECTURE.md, GEMMs)"
     )
     cuda_graphs: bool = Field(
         True, description="decode steps replay CUDA graphs captured per batch bucket (CUDA, triton backend, TP=1)"

@@ -46,7 +46,7 @@ class ModelRunner:
         self.num_threads = torch.get_num_threads()
         self.tp = tp
         self.device = torch.device(model.device)
-        self.model = load_model(model.path, model.dtype, self.device, tp, model.prepack)
+        self.model = load_model(model.path, model.dtype, self.device, tp, model.prepack, model.amx)
         spec = self.model.spec
         self.dtype = next(self.model.parameters()).dtype
         self.layout = CacheLayout(
@@ -96,8 +96,8 @@ class ModelRunner:
         return cost
 
     def describe(self) -> dict[str, object]:
-        """How this rank computes: its attention backend and whether its GEMM weights are prepacked."""
-        return {"attention_backend": self.backend.name, "prepacked_gemms": self.model.lm_packed is not None}
+        """How this rank computes: its attention backend and the kernels of its GEMMs."""
+        return {"attention_backend": self.backend.name, "gemm_kernels": self.model.gemm_kernels()}
 
     def timings(self) -> dict[str, float]:
         """Cumulative seconds: `model` (whole steps), `attention` (within it), `recompute` (within that)."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_cache import kernels
 from hybrid_cache.attention import AttentionBackend, TorchBackend, convert_to_kv
 from hybrid_cache.metadata import AttentionMetadata
 from hybrid_cache.tensors import CacheTensors
@@ -84,24 +85,39 @@ def can_prepack(weight: torch.Tensor) -> bool:
 
 
 class PackedWeight:
-    """A weight reordered once for oneDNN's GEMM (`torch.ops.mkldnn`), then used by `linear`.
+    """A GEMM weight laid out once for a fast CPU kernel, then used by `linear`.
 
-    The reorder depends on the weight only (batch size unset): measured on this CPU it is as fast as
-    a per-batch-size packing at every batch size we run (docs/BENCHMARKS.md, "Engine speed").
+    `kernel` says which (docs/ARCHITECTURE.md, "GEMMs"):
+    - "amx": ours (csrc/amx_linear.cpp), for bf16 weights that fit AMX tiles on a CPU with AMX, when
+      `amx` is asked for. At decode batch sizes it streams the weights at the read bandwidth, where
+      oneDNN reached about two thirds of it.
+    - "onednn": reordered for oneDNN's GEMM (`torch.ops.mkldnn`). The reorder depends on the weight
+      only (batch size unset): measured, as fast as a per-batch-size packing at every batch size we run.
     """
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+    def __init__(self, weight: torch.Tensor, amx: bool = False) -> None:
+        weight = weight.detach().contiguous()
+        self.out_features = weight.shape[0]
+        self.kernel = "amx" if amx and kernels.amx_fits(weight) else "onednn"
+        if self.kernel == "amx":
+            self.packed = torch.ops.aptserve.amx_pack(weight)
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
 
     def linear(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none",
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`x @ W.T + bias`, then `activation` ("none" or "relu") or `+ residual`, fused into the GEMM as a
-        oneDNN post-op (in float32 bit-identical to adding afterwards; in bfloat16 one rounding less)."""
+        """`x @ W.T + bias`, then `activation` ("none" or "relu") or `+ residual`, fused into the GEMM
+        (in float32 bit-identical to adding afterwards; in bfloat16 one rounding less)."""
+        if residual is not None and activation != "none":
+            raise ValueError("a residual and an activation cannot both be fused")
+        if self.kernel == "amx":
+            rows = x.reshape(-1, x.shape[-1])
+            res = None if residual is None else residual.reshape(-1, self.out_features).contiguous()
+            out = torch.ops.aptserve.amx_linear(rows, self.packed, self.out_features, bias, res, activation == "relu")
+            return out.view(*x.shape[:-1], self.out_features)
         if residual is not None:
-            if activation != "none":
-                raise ValueError("a residual and an activation cannot both be fused")
             return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), residual.contiguous(), self.packed, bias,
                                                              "add")
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, activation, [], "")
@@ -120,8 +136,8 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.relu = relu
 
-    def prepack(self) -> None:
-        self.packed = PackedWeight(self.weight) if can_prepack(self.weight) else None
+    def prepack(self, amx: bool = False) -> None:
+        self.packed = PackedWeight(self.weight, amx) if can_prepack(self.weight) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
@@ -182,10 +198,10 @@ class CachedAttention(nn.Module):
         self.rotary = rotary
         self.kv_packed: PackedWeight | None = None
 
-    def prepack(self) -> None:
+    def prepack(self, amx: bool = False) -> None:
         """Pack the K/V rows of the fused projection on their own, for `project_kv`."""
         weight = self.qkv_proj.weight[self.q_size :]
-        self.kv_packed = PackedWeight(weight) if can_prepack(weight) else None
+        self.kv_packed = PackedWeight(weight, amx) if can_prepack(weight) else None
 
     def project_kv(self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> None:
         x = self.tp.all_gather_columns(x)  # this rank's slice of x → the whole rows
@@ -271,13 +287,22 @@ class CausalLM(nn.Module):
             return self.lm_packed.linear(hidden)
         return F.linear(hidden, self.lm_head_weight())
 
-    def prepack(self) -> None:
-        """Reorder every GEMM weight once for oneDNN (the linears, the K/V rows, the LM head)."""
+    def prepack(self, amx: bool = False) -> None:
+        """Lay out every GEMM weight once for a fast CPU kernel (the linears, the K/V rows, the LM head);
+        with `amx`, bf16 weights that fit go to our AMX kernel (`PackedWeight`)."""
         for module in self.modules():
             if isinstance(module, (Linear, CachedAttention)) and module is not getattr(self, "lm_head", None):
-                module.prepack()
+                module.prepack(amx)
         weight = self.lm_head_weight()
-        self.lm_packed = PackedWeight(weight) if can_prepack(weight) else None
+        self.lm_packed = PackedWeight(weight, amx) if can_prepack(weight) else None
+
+    def gemm_kernels(self) -> str:
+        """Which kernels run this model's GEMMs: "torch" (not prepacked), or those of its packed weights
+        ("amx", "onednn", or "amx+onednn" where some weights do not fit AMX tiles)."""
+        packed = [m.packed for m in self.modules() if isinstance(m, Linear) and m.packed is not None]
+        packed += [m.kv_packed for m in self.modules() if isinstance(m, CachedAttention) and m.kv_packed is not None]
+        packed += [self.lm_packed] if self.lm_packed is not None else []
+        return "+".join(sorted({p.kernel for p in packed})) or "torch"
 
     def convert_to_kv(self, ctx: ForwardContext) -> None:
         """Run the planned hidden→KV conversions, layer by layer."""

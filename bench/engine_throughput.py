@@ -9,12 +9,13 @@ bytes of weights one step reads divided by the read bandwidth measured here (and
 GEMM time at the measured peak FLOP rate).
 
     flock /tmp/bench.lock .venv/bin/python -m bench.engine_throughput [--batches 1,16,64] \
-        [--dtypes float32,bfloat16] [--systems aptserve,aptserve-onednn,aptserve-reference,vllm,transformers] [--repeats 2]
+        [--dtypes float32,bfloat16] [--repeats 2] \
+        [--systems aptserve,aptserve-onednn,aptserve-reference,vllm,transformers]
 
 `aptserve-reference` is our engine with the `torch` attention backend and `F.linear` (no prepacking):
 the engine as it was before the kernels. `aptserve-onednn` is our engine with every GEMM on oneDNN
-(`model.amx: false`): the A/B of our AMX GEMM kernel, which bf16 cells use where the CPU has AMX. Our cells run with glibc's mmap/trim thresholds raised, as
-`make serve` does (ENGINE_ENV in the Makefile).
+(`model.amx: false`): the A/B of our AMX GEMM kernel, which bf16 cells use where the CPU has AMX.
+Our cells run with glibc's mmap/trim thresholds raised, as `make serve` does (ENGINE_ENV in the Makefile).
 """
 
 from __future__ import annotations

@@ -89,8 +89,8 @@ class PackedWeight:
 
     `kernel` says which (docs/ARCHITECTURE.md, "GEMMs"):
     - "amx": ours (csrc/amx_linear.cpp), for bf16 weights that fit AMX tiles on a CPU with AMX, when
-      `amx` is asked for. At decode batch sizes it streams the weights at the read bandwidth, where
-      oneDNN reached about two thirds of it.
+      `amx` is asked for. At decode batch sizes (1-16 rows) it reads the weights at ~80% of the
+      machine's read bandwidth, oneDNN at about half (docs/BENCHMARKS.md, "The AMX GEMM").
     - "onednn": reordered for oneDNN's GEMM (`torch.ops.mkldnn`). The reorder depends on the weight
       only (batch size unset): measured, as fast as a per-batch-size packing at every batch size we run.
     """

@@ -1,12 +1,12 @@
 // bf16 linear layers on Intel AMX tiles, for the small row counts of decode steps.
 //
-// oneDNN's GEMM (what torch.ops.mkldnn runs) streamed a decode step's weights at 10-18 GB/s on a
-// two-core Sapphire Rapids guest whose measured read bandwidth is 28-31 GB/s: at 1-64 rows a linear
-// layer is a pass over its weight, and what matters is reading that weight once, in order, with little
-// fixed cost per call. Here the weight is packed once into AMX's tile layout, grouped so that a work
-// item reads one contiguous run of it; each item multiplies every row of the input against its group
-// of 64 output columns, then adds bias (and a residual, or a ReLU) while converting the fp32 tile sums
-// to bf16 (one rounding, as oneDNN's fused post-ops).
+// At 1-16 rows a linear layer is a pass over its weight: what matters is reading the weight once, in
+// order, with little fixed cost per call. oneDNN's GEMM (what torch.ops.mkldnn runs) read a decode
+// step's weights at about half the machine's read bandwidth (docs/BENCHMARKS.md, "The AMX GEMM"). Here
+// the weight is packed once into AMX's tile layout, grouped so that a work item reads one contiguous run
+// of it; each item multiplies every row of the input against its group of 64 output columns, then adds
+// bias (and a residual, or a ReLU) while converting the fp32 tile sums to bf16 (one rounding, as
+// oneDNN's fused post-ops). At 64 rows and more it is no faster than oneDNN.
 //
 //   amx_pack(weight [N, K] bf16) -> packed      (N % 16 == 0, K % 32 == 0)
 //   amx_linear(x [M, K] bf16, packed, N, bias?, residual? [M, N], relu) -> [M, N] bf16
@@ -19,8 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #define APT_AMX 1

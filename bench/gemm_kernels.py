@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from bench.engine_throughput import read_bandwidth
 from hybrid_cache import kernels
 
 # OPT-125m: hidden 768, MLP 3072, 12 layers, vocabulary 50272 (the offline benchmark's model).
@@ -28,17 +29,6 @@ def step_shapes(hidden: int, ffn: int, layers: int, vocab: int) -> list[tuple[in
     """(out, in) of every GEMM in a decode step, in order."""
     layer = [(3 * hidden, hidden), (hidden, hidden), (ffn, hidden), (hidden, ffn)]
     return layer * layers + [(vocab, hidden)]
-
-
-def read_bandwidth(data: torch.Tensor) -> float:
-    best = min(_timed(data.sum) for _ in range(3))
-    return data.numel() * data.element_size() / best / 1e9
-
-
-def _timed(fn) -> float:  # type: ignore[no-untyped-def]
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,16 +67,16 @@ def main(argv: list[str] | None = None) -> int:
                 for (n, k), p in zip(shapes, packed[name]):
                     run[name](inputs[k], p, n)
                 best[name] = min(best[name], time.perf_counter() - start)
-            bandwidth.append(read_bandwidth(probe))
+            bandwidth.append(read_bandwidth(probe, repeats=3))
         row = {"rows": rows, "read_gb_s": max(bandwidth)}
         for name, seconds in best.items():
             row[f"{name}_ms"] = seconds * 1e3
             row[f"{name}_gb_s"] = weight_bytes / seconds / 1e9
         row["amx_speedup"] = best["onednn"] / best["amx"]
         results.append(row)
-        print(f"rows {rows}: oneDNN {row['onednn_ms']:.2f} ms ({row['onednn_gb_s']:.1f} GB/s), AMX {row['amx_ms']:.2f} ms "
-              f"({row['amx_gb_s']:.1f} GB/s), {row['amx_speedup']:.2f}x; read bandwidth {row['read_gb_s']:.1f} GB/s",
-              flush=True)
+        print(f"rows {rows}: oneDNN {row['onednn_ms']:.2f} ms ({row['onednn_gb_s']:.1f} GB/s), "
+              f"AMX {row['amx_ms']:.2f} ms ({row['amx_gb_s']:.1f} GB/s), {row['amx_speedup']:.2f}x; "
+              f"read bandwidth {row['read_gb_s']:.1f} GB/s", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"shapes": DEFAULT_SHAPES, "weight_bytes": weight_bytes, "results": results},

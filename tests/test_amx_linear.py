@@ -34,8 +34,8 @@ def bf16_tolerance(expected: torch.Tensor) -> float:
 
 
 @needs_amx
-@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40, 64])
-@pytest.mark.parametrize(("out_features", "in_features"), [(80, 64), (64, 96), (192, 32)])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40, 64, 96])
+@pytest.mark.parametrize(("out_features", "in_features"), [(80, 64), (64, 96), (192, 32), (112, 64)])
 @pytest.mark.parametrize("epilogue", ["none", "bias", "bias+residual", "bias+relu", "residual"])
 def test_amx_linear_matches_float64(rows: int, out_features: int, in_features: int, epilogue: str) -> None:
     # 80 output columns: one full group of four 16-column blocks and a group of one.

@@ -11,7 +11,8 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP) model kernels
 
-# Our C++ attention kernel (csrc/), compiled once into build/kernels (about 12 s on two cores).
+# Our C++ kernels (csrc/: paged attention, cache ops, the AMX GEMM), compiled once into build/kernels
+# (about a minute on two cores).
 kernels: $(STAMP)
 	$(BIN)/python -m hybrid_cache.kernels
 

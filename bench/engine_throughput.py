@@ -16,7 +16,7 @@ GEMM time at the measured peak FLOP rate).
 
 `aptserve-reference` is our engine with the `torch` attention backend and `F.linear` (no prepacking):
 the engine as it was before the kernels. `aptserve-onednn` is our engine with every GEMM on oneDNN
-(`model.amx: false`): the A/B of our AMX GEMM kernel, which bf16 cells use where the CPU has AMX.
+(`model.own_gemm: false`): the A/B of our GEMM kernels (AMX for bf16, AVX-512 for fp32, where the CPU has them).
 Our cells run with glibc's mmap/trim thresholds raised, as `make serve` does (ENGINE_ENV in the Makefile).
 """
 
@@ -65,7 +65,7 @@ def _cell_ours(model: Path, dtype: str, prompts: list[list[int]], output_len: in
     longest = max(len(p) for p in prompts) + output_len
     reference = variant == "aptserve-reference"
     overrides = {"cache.attention_backend": "torch" if reference else "cpu_paged", "model.prepack": not reference,
-                 "model.amx": variant == "aptserve", "scheduler.max_waiting": None}
+                 "model.own_gemm": variant == "aptserve", "scheduler.max_waiting": None}
     llm = LLM(str(model), dtype=dtype, block_size=32, num_blocks=len(prompts) * (-(-longest // 32)) + 8,
               cache_mode="kv", max_num_seqs=len(prompts), config=with_overrides(load_config(), overrides))
 

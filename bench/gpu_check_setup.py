@@ -63,7 +63,7 @@ def random_weights(seed: int = 0) -> Iterator[None]:
     from worker.models import build_model
 
     def load(path: str | Path, dtype: str, device: torch.device, tp: Any = None, prepack: bool = True,
-             amx: bool = True) -> Any:
+             own_gemm: bool = True) -> Any:
         spec = load_model_spec(Path(path))
         with torch.device("meta"):
             model = build_model(spec, tp) if tp is not None else build_model(spec)
@@ -77,7 +77,7 @@ def random_weights(seed: int = 0) -> Iterator[None]:
                     param.normal_(0.0, 0.02, generator=g)
         model.eval().requires_grad_(False)
         if prepack:
-            model.prepack(amx)
+            model.prepack(own_gemm)
         return model
 
     original = model_runner.load_model

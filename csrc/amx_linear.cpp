@@ -21,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "bf16_vec.h"
+
 #include <algorithm>
 #include <cstdint>
 
@@ -182,10 +184,6 @@ void pair_product(const at::BFloat16* a, int64_t a_stride_bytes, const at::BFloa
   }
 }
 
-inline __m512 bf16x16(const at::BFloat16* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
 #endif
 
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias,
@@ -225,8 +223,8 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, 
       for (int64_t j = 0; j < nblocks; ++j) {
         const int64_t col = col0 + j * kTileCols;
         __m512 v = _mm512_loadu_ps(c + r * c_stride + j * kTileCols);
-        if (bias_ptr != nullptr) v = _mm512_add_ps(v, bf16x16(bias_ptr + col));
-        if (res_ptr != nullptr) v = _mm512_add_ps(v, bf16x16(res_ptr + (m0 + r) * res_stride + col));
+        if (bias_ptr != nullptr) v = _mm512_add_ps(v, aptserve::bf16x16_to_f32(bias_ptr + col));
+        if (res_ptr != nullptr) v = _mm512_add_ps(v, aptserve::bf16x16_to_f32(res_ptr + (m0 + r) * res_stride + col));
         if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + (m0 + r) * n + col), (__m256i)_mm512_cvtneps_pbh(v));
       }

@@ -12,6 +12,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "bf16_vec.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -114,10 +116,7 @@ inline __m512 reduce16(const __m512* a) {
 }
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
+inline __m512 load16(const c10::BFloat16* p) { return aptserve::bf16x16_to_f32(p); }
 
 // Scores of one query row (fp32, scaled) against 16 keys read where they lie; d % 16 == 0.
 template <typename T>

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = [REPO / "csrc" / "paged_attention.cpp", REPO / "csrc" / "cache_ops.cpp", REPO / "csrc" / "amx_linear.cpp"]
+SOURCES = [REPO / "csrc" / name for name in ("paged_attention.cpp", "cache_ops.cpp", "amx_linear.cpp",
+                                             "f32_linear.cpp")]
+HEADERS = sorted((REPO / "csrc").glob("*.h"))  # included by the sources: part of the library's hash
 BUILD_DIR = Path(os.environ.get("APTSERVE_BUILD_DIR", REPO / "build" / "kernels"))
 
 _loaded: Path | None = None
@@ -67,7 +69,7 @@ def _command(output: Path) -> list[str]:
 def library_path() -> Path:
     """Where the library for the current sources, torch and flags lives (built or not)."""
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in [*SOURCES, *HEADERS]:
         digest.update(source.read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(" ".join(_cpu_flags()).encode())
@@ -116,6 +118,19 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(dim=-1)
     load()
     return torch.ops.aptserve.greedy_tokens(logits)
+
+
+def gemm_kernel(weight: torch.Tensor) -> str:
+    """Which of our GEMM kernels can run `weight` `[out, in]` on this CPU: "amx" (csrc/amx_linear.cpp)
+    for bf16, "avx512" (csrc/f32_linear.cpp) for fp32, or "onednn" where neither can."""
+    if amx_fits(weight):
+        return "amx"
+    fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+    if fp32 and weight.shape[0] % 16 == 0:
+        load()
+        if torch.ops.aptserve.f32_linear_available():
+            return "avx512"
+    return "onednn"
 
 
 def amx_fits(weight: torch.Tensor) -> bool:

@@ -93,14 +93,13 @@ def test_amx_linear_rejects_what_it_cannot_run() -> None:
         (torch.bfloat16, (64, 96), False, False),  # asked for oneDNN
         (torch.bfloat16, (24, 96), True, False),  # out features not whole tiles
         (torch.bfloat16, (64, 40), True, False),  # in features not whole tiles
-        (torch.float32, (64, 96), True, False),  # AMX here is bf16 only
     ],
 )
 def test_packed_weight_picks_amx_only_where_it_fits(dtype: torch.dtype, shape: tuple[int, int], amx: bool,
                                                     fits: bool) -> None:
     g = torch.Generator().manual_seed(3)
     w = torch.randn(*shape, generator=g).to(dtype)
-    packed = PackedWeight(w, amx=amx)
+    packed = PackedWeight(w, own=amx)
     assert packed.kernel == ("amx" if fits and HAS_AMX else "onednn")
     x = torch.randn(2, 3, shape[1], generator=g).to(dtype)  # leading dimensions are kept
     residual = torch.randn(2, 3, shape[0], generator=g).to(dtype)

@@ -38,9 +38,9 @@ def teacher_forced_logits(runner: ModelRunner, tokens: list[int], cache_type: Ca
 
 @pytest.mark.parametrize("name", ["opt", "llama"])
 @pytest.mark.parametrize("cache_type", [CacheType.KV, CacheType.HIDDEN])
-@pytest.mark.parametrize("amx", [True, False], ids=["amx-gemm", "onednn-gemm"])
+@pytest.mark.parametrize("own_gemm", [True, False], ids=["own-gemm", "onednn-gemm"])
 def test_bfloat16_logits_close_to_float32(
-    tiny_models: dict[str, Path], name: str, cache_type: CacheType, amx: bool
+    tiny_models: dict[str, Path], name: str, cache_type: CacheType, own_gemm: bool
 ) -> None:
     rng = random.Random(3)
     tokens = [rng.randrange(3, VOCAB) for _ in range(PROMPT_LEN + FORCED)]
@@ -48,11 +48,11 @@ def test_bfloat16_logits_close_to_float32(
         ref32 = make_hf_model(name)(torch.tensor([tokens])).logits[0, PROMPT_LEN - 1 :].double()
         ref16 = make_hf_model(name, torch.bfloat16)(torch.tensor([tokens])).logits[0, PROMPT_LEN - 1 :].double()
     runner = ModelRunner(
-        ModelConfig(path=str(tiny_models[name]), dtype="bfloat16", amx=amx),
+        ModelConfig(path=str(tiny_models[name]), dtype="bfloat16", own_gemm=own_gemm),
         CacheConfig(block_size=4, num_blocks=64, recompute_chunk_tokens=8),
     )
     # Every tiny shape fits AMX tiles: where the CPU has AMX, all GEMMs run on our kernel.
-    assert runner.describe()["gemm_kernels"] == ("amx" if amx and torch.ops.aptserve.amx_available() else "onednn")
+    assert runner.describe()["gemm_kernels"] == ("amx" if own_gemm and torch.ops.aptserve.amx_available() else "onednn")
     ours = teacher_forced_logits(runner, tokens, cache_type).double()
     hf_error = (ref16 - ref32).abs().max().item()
     our_error = (ours - ref32).abs().max().item()

@@ -6,7 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from hybrid_cache import kernels
 from hybrid_cache.attention import make_backend
 from hybrid_cache.config import CacheConfig
 from hybrid_cache.plan import BatchPlan, CacheType, SamplingParams, SequencePlan
@@ -77,10 +79,18 @@ def test_attention_timer_covers_every_call_and_agrees_with_direct_timing(
     assert attention / model >= (layers * steps * SLEEP) / wall * 0.9
 
 
-def test_backend_is_reported(tiny_models: dict[str, Path]) -> None:
+@pytest.mark.parametrize("own_gemm", [True, False])
+def test_backend_is_reported(tiny_models: dict[str, Path], own_gemm: bool) -> None:
     runner = ModelRunner(
-        ModelConfig(path=str(tiny_models["opt"]), dtype="float32"),
+        ModelConfig(path=str(tiny_models["opt"]), dtype="float32", own_gemm=own_gemm),
         CacheConfig(block_size=4, num_blocks=16, attention_backend="cpu_paged"),
     )
     assert runner.backend.name == "cpu_paged"
-    assert runner.describe() == {"attention_backend": "cpu_paged", "gemm_kernels": "onednn"}  # float32: oneDNN
+    # float32: our AVX-512 GEMM for weights of whole 16-column panels where the CPU has AVX-512, else oneDNN.
+    kernels.load()
+    weights = [m.weight for m in runner.model.modules() if isinstance(m, torch.nn.Linear)]
+    weights.append(runner.model.lm_head_weight())
+    expected = {kernels.gemm_kernel(w) for w in weights} if own_gemm else {"onednn"}
+    assert runner.describe() == {"attention_backend": "cpu_paged", "gemm_kernels": "+".join(sorted(expected))}
+    if own_gemm and torch.ops.aptserve.f32_linear_available():
+        assert "avx512" in runner.describe()["gemm_kernels"]

@@ -18,9 +18,9 @@ class ModelConfig(BaseModel):
     prepack: bool = Field(
         True, description="lay out GEMM weights once at load for a fast CPU kernel (float32/bfloat16); false: F.linear"
     )
-    amx: bool = Field(
-        True, description="prepacked bf16 GEMMs run on our AMX kernel where the CPU has AMX and the shape fits its "
-        "tiles; false: oneDNN for all (docs/ARCHITECTURE.md, GEMMs)"
+    own_gemm: bool = Field(
+        True, description="prepacked GEMMs run on our kernels where the CPU has them and the shape fits (AMX for "
+        "bfloat16, AVX-512 for float32); false: oneDNN for all (docs/ARCHITECTURE.md, GEMMs)"
     )
     cuda_graphs: bool = Field(
         True, description="decode steps replay CUDA graphs captured per batch bucket (CUDA, triton backend, TP=1)"

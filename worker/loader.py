@@ -89,11 +89,11 @@ def generation_defaults(model_dir: str | Path) -> dict[str, float | int]:
 
 def load_model(
     model_dir: str | Path, dtype: str, device: torch.device, tp: TensorParallel = SINGLE, prepack: bool = True,
-    amx: bool = True,
+    own_gemm: bool = True,
 ) -> CausalLM:
     """Build this rank's shard of the model for `model_dir` on `device` and fill it from the checkpoint;
-    with `prepack`, GEMM weights are laid out once for a fast CPU kernel (AMX for bf16 with `amx`, where
-    the CPU has it; oneDNN otherwise)."""
+    with `prepack`, GEMM weights are laid out once for a fast CPU kernel (with `own_gemm`, ours where the
+    CPU has it: AMX for bf16, AVX-512 for fp32; oneDNN otherwise)."""
     path = Path(model_dir)
     spec = load_model_spec(path)
     torch_dtype = resolve_dtype(dtype, spec)
@@ -103,5 +103,5 @@ def load_model(
     model.load_weights(iter_weights(path))
     model.eval().requires_grad_(False)
     if prepack:
-        model.prepack(amx)
+        model.prepack(own_gemm)
     return model

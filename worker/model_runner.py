@@ -46,7 +46,7 @@ class ModelRunner:
         self.num_threads = torch.get_num_threads()
         self.tp = tp
         self.device = torch.device(model.device)
-        self.model = load_model(model.path, model.dtype, self.device, tp, model.prepack, model.amx)
+        self.model = load_model(model.path, model.dtype, self.device, tp, model.prepack, model.own_gemm)
         spec = self.model.spec
         self.dtype = next(self.model.parameters()).dtype
         self.layout = CacheLayout(

@@ -84,25 +84,35 @@ def can_prepack(weight: torch.Tensor) -> bool:
     )
 
 
+# Our GEMM kernels by name: (pack op, linear op) in torch.ops.aptserve; linear(x, packed, out_features,
+# bias, residual, relu).
+OWN_GEMMS = {"amx": ("amx_pack", "amx_linear"), "avx512": ("f32_pack", "f32_linear")}
+
+
 class PackedWeight:
     """A GEMM weight laid out once for a fast CPU kernel, then used by `linear`.
 
     `kernel` says which (docs/ARCHITECTURE.md, "GEMMs"):
     - "amx": ours (csrc/amx_linear.cpp), for bf16 weights that fit AMX tiles on a CPU with AMX, when
-      `amx` is asked for. At decode batch sizes (1-16 rows) it reads the weights at ~80% of the
-      machine's read bandwidth, oneDNN at about half (docs/BENCHMARKS.md, "The AMX GEMM").
+      `own` kernels are asked for. At decode batch sizes (1-16 rows) it reads the weights at ~80% of
+      the machine's read bandwidth, oneDNN at about half (docs/BENCHMARKS.md, "The AMX GEMM").
+    - "avx512": ours (csrc/f32_linear.cpp), for fp32 weights (out features % 16) on CPUs with AVX-512,
+      when `own` kernels are asked for: 1.4-1.5x oneDNN at 1-16 rows, on a par from 256 rows
+      (docs/BENCHMARKS.md, "The fp32 GEMM").
     - "onednn": reordered for oneDNN's GEMM (`torch.ops.mkldnn`). The reorder depends on the weight
       only (batch size unset): measured, as fast as a per-batch-size packing at every batch size we run.
     """
 
-    def __init__(self, weight: torch.Tensor, amx: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, own: bool = False) -> None:
         weight = weight.detach().contiguous()
         self.out_features = weight.shape[0]
-        self.kernel = "amx" if amx and kernels.amx_fits(weight) else "onednn"
-        if self.kernel == "amx":
-            self.packed = torch.ops.aptserve.amx_pack(weight)
-        else:
+        self.kernel = kernels.gemm_kernel(weight) if own else "onednn"
+        if self.kernel == "onednn":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+        else:
+            pack, linear = OWN_GEMMS[self.kernel]
+            self.packed = getattr(torch.ops.aptserve, pack)(weight)
+            self._own_linear = getattr(torch.ops.aptserve, linear)
 
     def linear(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none",
@@ -112,10 +122,10 @@ class PackedWeight:
         (in float32 bit-identical to adding afterwards; in bfloat16 one rounding less)."""
         if residual is not None and activation != "none":
             raise ValueError("a residual and an activation cannot both be fused")
-        if self.kernel == "amx":
+        if self.kernel != "onednn":
             rows = x.reshape(-1, x.shape[-1])
             res = None if residual is None else residual.reshape(-1, self.out_features).contiguous()
-            out = torch.ops.aptserve.amx_linear(rows, self.packed, self.out_features, bias, res, activation == "relu")
+            out = self._own_linear(rows, self.packed, self.out_features, bias, res, activation == "relu")
             return out.view(*x.shape[:-1], self.out_features)
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), residual.contiguous(), self.packed, bias,
@@ -136,8 +146,8 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.relu = relu
 
-    def prepack(self, amx: bool = False) -> None:
-        self.packed = PackedWeight(self.weight, amx) if can_prepack(self.weight) else None
+    def prepack(self, own_gemm: bool = False) -> None:
+        self.packed = PackedWeight(self.weight, own_gemm) if can_prepack(self.weight) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
@@ -198,10 +208,10 @@ class CachedAttention(nn.Module):
         self.rotary = rotary
         self.kv_packed: PackedWeight | None = None
 
-    def prepack(self, amx: bool = False) -> None:
+    def prepack(self, own_gemm: bool = False) -> None:
         """Pack the K/V rows of the fused projection on their own, for `project_kv`."""
         weight = self.qkv_proj.weight[self.q_size :]
-        self.kv_packed = PackedWeight(weight, amx) if can_prepack(weight) else None
+        self.kv_packed = PackedWeight(weight, own_gemm) if can_prepack(weight) else None
 
     def project_kv(self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> None:
         x = self.tp.all_gather_columns(x)  # this rank's slice of x → the whole rows
@@ -287,18 +297,18 @@ class CausalLM(nn.Module):
             return self.lm_packed.linear(hidden)
         return F.linear(hidden, self.lm_head_weight())
 
-    def prepack(self, amx: bool = False) -> None:
+    def prepack(self, own_gemm: bool = False) -> None:
         """Lay out every GEMM weight once for a fast CPU kernel (the linears, the K/V rows, the LM head);
-        with `amx`, bf16 weights that fit go to our AMX kernel (`PackedWeight`)."""
+        with `own_gemm`, weights our kernels can run go to them (`PackedWeight`)."""
         for module in self.modules():
             if isinstance(module, (Linear, CachedAttention)) and module is not getattr(self, "lm_head", None):
-                module.prepack(amx)
+                module.prepack(own_gemm)
         weight = self.lm_head_weight()
-        self.lm_packed = PackedWeight(weight, amx) if can_prepack(weight) else None
+        self.lm_packed = PackedWeight(weight, own_gemm) if can_prepack(weight) else None
 
     def gemm_kernels(self) -> str:
         """Which kernels run this model's GEMMs: "torch" (not prepacked), or those of its packed weights
-        ("amx", "onednn", or "amx+onednn" where some weights do not fit AMX tiles)."""
+        ("amx", "avx512", "onednn", or e.g. "amx+onednn" where some weights do not fit AMX tiles)."""
         packed = [m.packed for m in self.modules() if isinstance(m, Linear) and m.packed is not None]
         packed += [m.kv_packed for m in self.modules() if isinstance(m, CachedAttention) and m.kv_packed is not None]
         packed += [self.lm_packed] if self.lm_packed is not None else []

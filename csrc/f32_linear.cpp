@@ -2,11 +2,12 @@
 //
 // A float32 decode step's GEMMs multiply a few rows (the batch) by every weight. oneDNN's and MKL's
 // fp32 GEMMs read an OPT-125m step's weights at ~10-12 GB/s at 16 rows, against ~22 GB/s of read
-// bandwidth (docs/BENCHMARKS.md, "The fp32 GEMM"). Here the weight is packed once into panels of 16
+// bandwidth (docs/BENCHMARKS.md, "Our fp32 GEMM"). Here the weight is packed once into panels of 16
 // output columns (each panel K x 16, one 64-byte vector per K step, read in order), and a work item
-// multiplies up to 16 input rows at a time against one to four panels: each weight vector loaded
-// feeds one multiply-add per row (an outer product in registers), so the weight is read once per 16
-// rows. Bias and a residual (or a ReLU) are added to the fp32 sums before the one store.
+// multiplies six input rows at a time against four panels: an outer product in 24 registers, in which
+// each weight vector loaded feeds six multiply-adds and each broadcast of x four. Bias and a residual
+// (or a ReLU) are added to the fp32 sums before the one store. From 256 rows it measured 0.83-1.03x
+// oneDNN (prefill; there is one packing per weight).
 //
 //   f32_pack(weight [N, K] fp32) -> packed       (N % 16 == 0)
 //   f32_linear(x [M, K] fp32, packed, N, bias?, residual? [M, N], relu) -> [M, N] fp32
@@ -51,12 +52,19 @@ at::Tensor f32_pack(const at::Tensor& weight) {
 }
 
 #ifdef APT_F32_LINEAR
+struct Epilogue {
+  const float* bias;  // [N] or null
+  const float* res;   // [M, res_stride] or null
+  int64_t res_stride;
+  bool relu;
+};
+
 // The R x P block of rows [m0, m0 + R) times panels [p, p + P), with bias and residual (or ReLU) added.
 // The sums stay in registers for the whole pass over K (R * P <= 24 accumulators of AVX-512's 32); each
 // step loads P weight vectors and R broadcasts of x for R * P multiply-adds.
 template <int R, int P>
 void block(const float* x, int64_t ldx, const float* panels, int64_t k, int64_t m0, int64_t col0, int64_t n,
-           const float* bias, const float* res, int64_t res_stride, bool relu, float* out) {
+           const Epilogue& e, float* out) {
   __m512 acc[R * P];
 #pragma GCC unroll 24
   for (int i = 0; i < R * P; ++i) acc[i] = _mm512_setzero_ps();
@@ -79,33 +87,23 @@ void block(const float* x, int64_t ldx, const float* panels, int64_t k, int64_t 
     for (int p = 0; p < P; ++p) {
       const int64_t col = col0 + p * kPanel;
       __m512 v = acc[r * P + p];
-      if (bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + col));
-      if (res != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(res + (m0 + r) * res_stride + col));
-      if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+      if (e.bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(e.bias + col));
+      if (e.res != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(e.res + (m0 + r) * e.res_stride + col));
+      if (e.relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
       _mm512_storeu_ps(out + (m0 + r) * n + col, v);
     }
   }
 }
 
-struct Epilogue {
-  const float* bias;
-  const float* res;
-  int64_t res_stride;
-  bool relu;
-};
-
-// Rows [m0, m0 + R) against panels [p_begin, p_end): as many panels per pass over K as keep the
-// accumulators within 16 registers (at few rows, more panels give the independent multiply-add chains
-// that keep both FMA ports busy).
+// Rows [m0, m0 + R) against panels [p_begin, p_end): four panels per pass over K, a tail panel by panel.
 template <int R>
 void row_block(const float* x, int64_t ldx, const float* w, int64_t k, int64_t n, int64_t m0, int64_t p_begin,
                int64_t p_end, const Epilogue& e, float* out) {
   constexpr int P = kItemPanels;
   int64_t p = p_begin;
   for (; p + P <= p_end; p += P)
-    block<R, P>(x, ldx, w + p * k * kPanel, k, m0, p * kPanel, n, e.bias, e.res, e.res_stride, e.relu, out);
-  for (; p < p_end; ++p)
-    block<R, 1>(x, ldx, w + p * k * kPanel, k, m0, p * kPanel, n, e.bias, e.res, e.res_stride, e.relu, out);
+    block<R, P>(x, ldx, w + p * k * kPanel, k, m0, p * kPanel, n, e, out);
+  for (; p < p_end; ++p) block<R, 1>(x, ldx, w + p * k * kPanel, k, m0, p * kPanel, n, e, out);
 }
 
 using RowBlockFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,

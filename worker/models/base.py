@@ -97,8 +97,8 @@ class PackedWeight:
       `own` kernels are asked for. At decode batch sizes (1-16 rows) it reads the weights at ~80% of
       the machine's read bandwidth, oneDNN at about half (docs/BENCHMARKS.md, "The AMX GEMM").
     - "avx512": ours (csrc/f32_linear.cpp), for fp32 weights (out features % 16) on CPUs with AVX-512,
-      when `own` kernels are asked for: 1.4-1.5x oneDNN at 1-16 rows, on a par from 256 rows
-      (docs/BENCHMARKS.md, "The fp32 GEMM").
+      when `own` kernels are asked for: 1.3-1.5x oneDNN at 1-16 rows, 0.83-1.03x from 256 rows (prefill)
+      (docs/BENCHMARKS.md, "Our fp32 GEMM").
     - "onednn": reordered for oneDNN's GEMM (`torch.ops.mkldnn`). The reorder depends on the weight
       only (batch size unset): measured, as fast as a per-batch-size packing at every batch size we run.
     """

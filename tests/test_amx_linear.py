@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gemm_reference import reference
 
 from hybrid_cache import kernels
 from worker.models.base import PackedWeight
@@ -16,16 +17,6 @@ from worker.models.base import PackedWeight
 kernels.load()
 HAS_AMX = bool(torch.ops.aptserve.amx_available())
 needs_amx = pytest.mark.skipif(not HAS_AMX, reason="this CPU has no AMX tiles (the oneDNN path runs instead)")
-
-
-def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-              relu: bool) -> torch.Tensor:
-    out = x.double() @ w.double().T
-    if bias is not None:
-        out = out + bias.double()
-    if residual is not None:
-        out = out + residual.double()
-    return out.clamp_min(0) if relu else out
 
 
 def bf16_tolerance(expected: torch.Tensor) -> float:

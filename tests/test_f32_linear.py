@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gemm_reference import reference
 
 from hybrid_cache import kernels
 from worker.models.base import PackedWeight
@@ -15,16 +16,6 @@ from worker.models.base import PackedWeight
 kernels.load()
 HAS_AVX512 = bool(torch.ops.aptserve.f32_linear_available())
 needs_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="this build has no AVX-512 (oneDNN runs fp32 GEMMs)")
-
-
-def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-              relu: bool) -> torch.Tensor:
-    out = x.double() @ w.double().T
-    if bias is not None:
-        out = out + bias.double()
-    if residual is not None:
-        out = out + residual.double()
-    return out.clamp_min(0) if relu else out
 
 
 def fp32_tolerance(x: torch.Tensor, w: torch.Tensor) -> float:

@@ -20,7 +20,6 @@ import torch
 
 from bench.engine_throughput import read_bandwidth
 from hybrid_cache import kernels
-from worker.models.base import OWN_GEMMS
 
 # OPT-125m: hidden 768, MLP 3072, 12 layers, vocabulary 50272 (the offline benchmark's model).
 DEFAULT_SHAPES = {"hidden": 768, "ffn": 3072, "layers": 12, "vocab": 50272}
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = {kernels.gemm_kernel(w) for w in weights}
     if ours != {"amx"} and ours != {"avx512"}:
         raise SystemExit(f"our kernels cannot run every {args.dtype} weight on this CPU ({ours}): only oneDNN would")
-    pack, linear = (getattr(torch.ops.aptserve, op) for op in OWN_GEMMS[ours.pop()])
+    pack, linear = kernels.gemm_ops(ours.pop())
     packed = {
         "onednn": [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights],
         "ours": [pack(w) for w in weights],

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -118,6 +119,18 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(dim=-1)
     load()
     return torch.ops.aptserve.greedy_tokens(logits)
+
+
+# Our GEMM kernels by name: their pack op and linear op in torch.ops.aptserve.
+_GEMM_OPS = {"amx": ("amx_pack", "amx_linear"), "avx512": ("f32_pack", "f32_linear")}
+
+
+def gemm_ops(kernel: str) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """`pack(weight) -> packed` and `linear(x, packed, out_features, bias, residual, relu) -> out` of our
+    GEMM kernel `kernel` (a name `gemm_kernel` returns, other than "onednn")."""
+    load()
+    pack, linear = _GEMM_OPS[kernel]
+    return getattr(torch.ops.aptserve, pack), getattr(torch.ops.aptserve, linear)
 
 
 def gemm_kernel(weight: torch.Tensor) -> str:

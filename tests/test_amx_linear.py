@@ -90,7 +90,7 @@ def test_packed_weight_picks_amx_only_where_it_fits(dtype: torch.dtype, shape: t
                                                     fits: bool) -> None:
     g = torch.Generator().manual_seed(3)
     w = torch.randn(*shape, generator=g).to(dtype)
-    packed = PackedWeight(w, own=amx)
+    packed = PackedWeight(w, own_gemm=amx)
     assert packed.kernel == ("amx" if fits and HAS_AMX else "onednn")
     x = torch.randn(2, 3, shape[1], generator=g).to(dtype)  # leading dimensions are kept
     residual = torch.randn(2, 3, shape[0], generator=g).to(dtype)

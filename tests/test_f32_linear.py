@@ -81,7 +81,7 @@ def test_f32_linear_rejects_what_it_cannot_run() -> None:
 def test_packed_weight_picks_avx512_for_fp32_where_it_fits(shape: tuple[int, int], own: bool, ours: bool) -> None:
     g = torch.Generator().manual_seed(3)
     w = torch.randn(*shape, generator=g)
-    packed = PackedWeight(w, own=own)
+    packed = PackedWeight(w, own_gemm=own)
     assert packed.kernel == ("avx512" if ours and HAS_AVX512 else "onednn")
     x = torch.randn(2, 3, shape[1], generator=g)  # leading dimensions are kept
     residual = torch.randn(2, 3, shape[0], generator=g)

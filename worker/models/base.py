@@ -84,35 +84,29 @@ def can_prepack(weight: torch.Tensor) -> bool:
     )
 
 
-# Our GEMM kernels by name: (pack op, linear op) in torch.ops.aptserve; linear(x, packed, out_features,
-# bias, residual, relu).
-OWN_GEMMS = {"amx": ("amx_pack", "amx_linear"), "avx512": ("f32_pack", "f32_linear")}
-
-
 class PackedWeight:
     """A GEMM weight laid out once for a fast CPU kernel, then used by `linear`.
 
     `kernel` says which (docs/ARCHITECTURE.md, "GEMMs"):
     - "amx": ours (csrc/amx_linear.cpp), for bf16 weights that fit AMX tiles on a CPU with AMX, when
-      `own` kernels are asked for. At decode batch sizes (1-16 rows) it reads the weights at ~80% of
+      `own_gemm` is asked for. At decode batch sizes (1-16 rows) it reads the weights at ~80% of
       the machine's read bandwidth, oneDNN at about half (docs/BENCHMARKS.md, "The AMX GEMM").
     - "avx512": ours (csrc/f32_linear.cpp), for fp32 weights (out features % 16) on CPUs with AVX-512,
-      when `own` kernels are asked for: 1.3-1.5x oneDNN at 1-16 rows, 0.83-1.03x from 256 rows (prefill)
+      when `own_gemm` is asked for: 1.3-1.5x oneDNN at 1-16 rows, 0.83-1.03x from 256 rows (prefill)
       (docs/BENCHMARKS.md, "Our fp32 GEMM").
     - "onednn": reordered for oneDNN's GEMM (`torch.ops.mkldnn`). The reorder depends on the weight
       only (batch size unset): measured, as fast as a per-batch-size packing at every batch size we run.
     """
 
-    def __init__(self, weight: torch.Tensor, own: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, own_gemm: bool = False) -> None:
         weight = weight.detach().contiguous()
         self.out_features = weight.shape[0]
-        self.kernel = kernels.gemm_kernel(weight) if own else "onednn"
+        self.kernel = kernels.gemm_kernel(weight) if own_gemm else "onednn"
         if self.kernel == "onednn":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         else:
-            pack, linear = OWN_GEMMS[self.kernel]
-            self.packed = getattr(torch.ops.aptserve, pack)(weight)
-            self._own_linear = getattr(torch.ops.aptserve, linear)
+            pack, self._own_linear = kernels.gemm_ops(self.kernel)
+            self.packed = pack(weight)
 
     def linear(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none",
